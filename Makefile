@@ -1,0 +1,38 @@
+# Self-sufficient targets: each creates .venv on a fresh machine, installs the package, then runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-smoke clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch/torchvision pinned to the wheels the machine's pip serves from local disk (torchvision is needed by timm).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[dev,examples]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lightning-opt fit --config examples/configs/quickstart.yaml
+	@echo ""
+	@echo "TensorBoard:  $(BIN)/tensorboard --logdir lightning_logs"
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q --timeout=300 -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --out benchmarks/RESULTS.md
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.run --smoke
+
+clean:
+	rm -rf lightning_logs .pytest_cache

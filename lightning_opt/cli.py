@@ -1,0 +1,42 @@
+"""The ``lightning-opt`` command: a ``LightningCLI`` that knows the package's strategies, optimizers and callbacks.
+
+    lightning-opt fit --config examples/configs/quickstart.yaml
+    lightning-opt fit --model lightning_opt.examples.ImageClassifier --data lightning_opt.examples.DigitsDataModule \\
+        --trainer.strategy=local_sgd --trainer.devices=2 --optimizer lightning_opt.optim.ClippedSGD \\
+        --optimizer.lr 0.1 --optimizer.max_norm 1.0
+
+Importing :mod:`lightning_opt` first registers ``local_sgd``, ``lsgd``, ``lookahead`` (and ``*_spawn``), so
+``--trainer.strategy=<name>`` resolves; class paths with ``init_args`` work too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+import lightning_opt  # noqa: F401  (registers the strategy names before the parser is built)
+
+
+class LightningOptCLI(LightningCLI):
+    """``LightningCLI`` with subclass mode for model and data (any LightningModule / DataModule by class path)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+
+def main(args: ArgsType = None) -> None:
+    """Console-script entry point (``lightning-opt``)."""
+    # Like `python -m`, let class paths name modules in the working directory (e.g. a user's own models).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    LightningOptCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Flat-bucket collectives: pack many tensors into a few contiguous buffers, one collective per bucket.
+
+Why: one all-reduce of a 25 MB buffer costs far less latency than hundreds of per-parameter calls, and the byte
+count of each call is known exactly, which is what the strategies report as ``comm/bytes``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_BUCKET_CAP_MB = 25.0
+
+
+@dataclass
+class CommMeter:
+    """Counts what the collectives moved: bytes (payload per rank), calls and wall-clock seconds."""
+
+    bytes: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+    syncs: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        self.bytes += int(nbytes)
+        self.calls += 1
+        self.seconds += float(seconds)
+
+    def state_dict(self) -> dict:
+        return {"bytes": self.bytes, "calls": self.calls, "seconds": self.seconds, "syncs": self.syncs,
+                "extra": dict(self.extra)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bytes = int(state["bytes"])
+        self.calls = int(state["calls"])
+        self.seconds = float(state["seconds"])
+        self.syncs = int(state.get("syncs", 0))
+        self.extra = dict(state.get("extra", {}))
+
+
+def is_dist() -> bool:
+    """True when a default process group exists and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def bucket_indices(tensors: Sequence[Tensor], cap_bytes: int) -> list[list[int]]:
+    """Group tensor indices into buckets of one dtype and device, each at most ``cap_bytes`` (a single larger
+    tensor gets a bucket of its own). Order is preserved within a (dtype, device) key, so every rank builds the
+    same buckets from the same tensor list."""
+    open_buckets: dict[tuple, list[int]] = {}
+    sizes: dict[tuple, int] = {}
+    done: list[list[int]] = []
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        nbytes = t.numel() * t.element_size()
+        if key in open_buckets and sizes[key] + nbytes > cap_bytes:
+            done.append(open_buckets.pop(key))
+        bucket = open_buckets.setdefault(key, [])
+        sizes[key] = (sizes.get(key, 0) if bucket else 0) + nbytes
+        bucket.append(i)
+    done.extend(open_buckets.values())
+    return done
+
+
+def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Concatenate tensors into one 1-D buffer (optionally cast)."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    return flat if dtype is None else flat.to(dtype)
+
+
+@torch.no_grad()
+def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` back into ``tensors`` (casting to each tensor's dtype)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def timed_all_reduce(buf: Tensor, meter: CommMeter | None, group=None, op=dist.ReduceOp.SUM) -> None:
+    """All-reduce ``buf`` in place and account for its bytes and time."""
+    start = time.perf_counter()
+    dist.all_reduce(buf, op=op, group=group)
+    if meter is not None:
+        meter.add(buf.numel() * buf.element_size(), time.perf_counter() - start)
+
+
+def timed_broadcast(buf: Tensor, src: int, meter: CommMeter | None, group=None) -> None:
+    """Broadcast ``buf`` from global rank ``src`` and account for its bytes and time."""
+    start = time.perf_counter()
+    dist.broadcast(buf, src=src, group=group)
+    if meter is not None:
+        meter.add(buf.numel() * buf.element_size(), time.perf_counter() - start)
+
+
+def all_reduce_flat(
+    tensors: Sequence[Tensor],
+    *,
+    meter: CommMeter | None = None,
+    group=None,
+    cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+) -> list[tuple[list[int], Tensor]]:
+    """Sum ``tensors`` over the group in flat buckets and return ``[(indices, reduced_flat)]`` without writing
+    back, so the caller can inspect the result (e.g. for non-finite values) before committing it. Half-precision
+    buckets are summed in fp32 (a sum over many ranks overflows fp16 and loses bf16 precision)."""
+    out = []
+    for idx in bucket_indices(tensors, int(cap_mb * 2**20)):
+        half = tensors[idx[0]].dtype in (torch.float16, torch.bfloat16)
+        flat = flatten([tensors[i] for i in idx], dtype=torch.float32 if half else None)
+        timed_all_reduce(flat, meter, group)
+        out.append((idx, flat))
+    return out
+
+
+@torch.no_grad()
+def write_back(buckets: list[tuple[list[int], Tensor]], tensors: Sequence[Tensor], scale: float = 1.0) -> None:
+    """Write reduced buckets back into ``tensors``, multiplied by ``scale`` (e.g. 1/world for a mean)."""
+    for idx, flat in buckets:
+        if scale != 1.0:
+            flat.mul_(scale)
+        unflatten_into(flat, [tensors[i] for i in idx])
+
+
+def broadcast_flat(
+    tensors: Sequence[Tensor], src: int, *, meter: CommMeter | None = None, group=None,
+    cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+) -> None:
+    """Broadcast ``tensors`` from global rank ``src`` in flat buckets, in place."""
+    for idx in bucket_indices(tensors, int(cap_mb * 2**20)):
+        chunk = [tensors[i] for i in idx]
+        flat = flatten(chunk)
+        timed_broadcast(flat, src, meter, group)
+        unflatten_into(flat, chunk)
+
+
+def nbytes(tensors: Sequence[Tensor]) -> int:
+    """Payload size of ``tensors`` in bytes."""
+    return sum(t.numel() * t.element_size() for t in tensors)

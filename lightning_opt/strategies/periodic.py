@@ -1,0 +1,449 @@
+"""The periodic-synchronisation base that Local SGD, LSGD and Lookahead share.
+
+It is a :class:`~pytorch_lightning.strategies.DDPStrategy` that never wraps the module in
+``DistributedDataParallel``: gradients stay local, except during ``warmup_steps`` where they are averaged every
+step (DDP-equivalent). After optimizer step ``warmup + τ``, ``warmup + τ + τ'``, … (1-based, one counter per
+optimizer) it calls the subclass's :meth:`_sync`. The base also provides
+
+* flat-bucket averaging with a non-finite policy (``nonfinite="raise" | "drop"``) and byte accounting,
+* evaluation, ``trainer.fit``'s final weights and checkpoints on the *consensus* weights (subclass-defined)
+  without touching the training trajectory,
+* exact resume: the strategy's own state plus every rank's local weights and optimizer states travel in the
+  checkpoint (gathered to rank 0 on save; each rank picks its own entry on load).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.distributed import (
+    CommMeter,
+    all_reduce_flat,
+    broadcast_flat,
+    is_dist,
+    nbytes,
+    write_back,
+)
+from lightning_opt.strategies._validate import as_timeout, check_bool, check_choice, check_float, check_int
+from lightning_opt.strategies.schedules import PeriodSchedule, as_schedule
+
+_CKPT_KEY = "lightning_opt"
+
+
+class NonFiniteError(RuntimeError):
+    """Raised on every rank when some rank holds non-finite values at a synchronisation."""
+
+
+class PeriodicSyncStrategy(DDPStrategy):
+    """Base class; see the module docstring. Subclasses implement :meth:`_sync` and may override
+    :meth:`_consensus`, :meth:`_extra_state_dict` and :meth:`_load_extra_state_dict`."""
+
+    def __init__(
+        self,
+        period: int | PeriodSchedule = 1,
+        warmup_steps: int = 0,
+        average_buffers: bool = True,
+        nonfinite: str = "raise",
+        bucket_cap_mb: float = 25.0,
+        timeout: timedelta | float = 1800.0,
+        start_method: str = "popen",
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+    ) -> None:
+        self.schedule = as_schedule(period)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.average_buffers = check_bool("average_buffers", average_buffers)
+        self.nonfinite = check_choice("nonfinite", nonfinite, ("raise", "drop"))
+        self.bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0.0, 1e6, low_open=True)
+        check_choice("start_method", start_method, ("popen", "spawn", "fork", "forkserver"))
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=as_timeout(timeout),
+            start_method=start_method,
+        )
+        self.meter = CommMeter()
+        self._steps: dict[int, int] = {}
+        self._next_sync: dict[int, int] = {}
+        self._period_now: dict[int, int] = {}
+        self._in_sync = True
+        self._restored: dict[str, Any] | None = None
+        self._stash: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def configure_ddp(self) -> None:
+        """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
+        if is_dist():
+            broadcast_flat(self._module_tensors(), src=0, cap_mb=self.bucket_cap_mb)
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Restore after `configure_ddp`'s broadcast, so each rank's local weights survive a resume.
+        return True
+
+    # ------------------------------------------------------------------ tensors
+    def _module_tensors(self) -> list[Tensor]:
+        module = self.lightning_module
+        return list(module.parameters()) + list(module.buffers())
+
+    def _float_buffers(self) -> list[Tensor]:
+        return [b for b in self.lightning_module.buffers() if b.is_floating_point()]
+
+    def _int_buffers(self) -> list[Tensor]:
+        return [b for b in self.lightning_module.buffers() if not b.is_floating_point()]
+
+    def _opt_index(self, optimizer: Optimizer) -> int:
+        for i, opt in enumerate(self.optimizers):
+            if opt is optimizer or getattr(opt, "_optimizer", None) is optimizer:
+                return i
+        return 0
+
+    def _opt_params(self, idx: int) -> list[Tensor]:
+        seen: set[int] = set()
+        out = []
+        for group in self.optimizers[idx].param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _lr(self, idx: int) -> float:
+        return float(self.optimizers[idx].param_groups[0]["lr"])
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size() if is_dist() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if is_dist() else 0
+
+    # ------------------------------------------------------------------ step counting
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        idx = self._opt_index(optimizer)
+        step = self._steps.get(idx, 0) + 1
+        in_warmup = step <= self.warmup_steps
+        if not in_warmup:
+            self._before_local_step(idx, step)
+        if in_warmup and is_dist():
+            closure = self._averaging_closure(closure, idx, step)
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._steps[idx] = step
+        self.meter.extra["ddp_bytes"] = self.meter.extra.get("ddp_bytes", 0) + nbytes(
+            [p for p in self._opt_params(idx) if p.requires_grad])
+        if in_warmup:
+            if is_dist() and idx == 0:
+                broadcast_flat(list(self.lightning_module.buffers()), src=0, meter=self.meter)
+            self._in_sync = True
+            return output
+        self._in_sync = False
+        if idx not in self._next_sync:
+            self._schedule_next(idx, step - 1)
+        if step == self._next_sync[idx]:
+            start = time.perf_counter()
+            self._sync(idx, step)
+            self.meter.syncs += 1
+            self.meter.extra["sync_seconds"] = self.meter.extra.get("sync_seconds", 0.0) + (
+                time.perf_counter() - start)
+            self._in_sync = True
+            self._schedule_next(idx, step)
+        self._maybe_log(step)
+        return output
+
+    def _schedule_next(self, idx: int, step: int) -> None:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        period = int(self.schedule.next_period(step, self._lr(idx), trainer))
+        if period < 1:
+            raise ValueError(f"period schedule {self.schedule!r} returned period {period} < 1")
+        self._period_now[idx] = period
+        self._next_sync[idx] = step + period
+
+    def _before_local_step(self, idx: int, step: int) -> None:
+        """Hook before a post-warmup optimizer step (e.g. record the anchor where local training starts)."""
+
+    def _sync(self, idx: int, step: int) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ warmup gradient averaging
+    def _averaging_closure(self, closure: Callable[[], Any], idx: int, step: int) -> Callable[[], Any]:
+        def wrapped() -> Any:
+            out = closure()
+            self._average_grads(idx, step)
+            return out
+
+        return wrapped
+
+    def _average_grads(self, idx: int, step: int) -> None:
+        params = [p for p in self._opt_params(idx) if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        good, buckets, counts = self._reduce_with_flags(grads, "gradients", step, payload=has_grad)
+        write_back(buckets, grads, 1.0 / good)
+        for p, g, c in zip(params, grads, counts.tolist()):
+            if p.grad is None and c > 0:
+                p.grad = g
+
+    # ------------------------------------------------------------------ averaging with the non-finite policy
+    def _reduce_with_flags(
+        self, tensors: list[Tensor], what: str, step: int, payload: Tensor | None = None
+    ) -> tuple[int, list, Tensor]:
+        """Sum ``tensors`` over ranks in flat buckets (not written back) with one extra tiny all-reduce carrying
+        the per-rank non-finite flags (and an optional ``payload`` vector, summed). Applies the policy: ``raise``
+        raises :class:`NonFiniteError` on every rank naming the ranks and step; ``drop`` excludes those ranks'
+        contributions. Returns (number of contributing ranks, buckets, summed payload)."""
+        device = tensors[0].device
+        local_bad = bool(torch.stack([~torch.isfinite(t).all() for t in tensors]).any()) if tensors else False
+        contribute = not (local_bad and self.nonfinite == "drop")
+        src = tensors if contribute else [torch.zeros_like(t) for t in tensors]
+        buckets = all_reduce_flat(src, meter=self.meter, cap_mb=self.bucket_cap_mb)
+        flags = torch.zeros(self.world + (0 if payload is None else payload.numel()), device=device)
+        flags[self.rank] = float(local_bad)
+        if payload is not None:
+            flags[self.world:] = payload
+        dist.all_reduce(flags)
+        self.meter.add(flags.numel() * flags.element_size(), 0.0)
+        bad = [int(r) for r in torch.nonzero(flags[: self.world]).flatten().tolist()]
+        if bad and self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"non-finite {what} on rank(s) {bad} at optimizer step {step}; refusing to average them into "
+                "every rank. Pass nonfinite='drop' to exclude such ranks and reset them to the consensus."
+            )
+        good = self.world - len(bad)
+        if good == 0:
+            raise NonFiniteError(f"non-finite {what} on every rank at optimizer step {step}")
+        if local_bad:
+            warnings.warn(f"rank {self.rank}: non-finite {what} at optimizer step {step}; excluded from the "
+                          "average and reset to the consensus (its optimizer state is cleared)", stacklevel=2)
+            self._on_dropped()
+        return good, buckets, flags[self.world:]
+
+    def _on_dropped(self) -> None:
+        for opt in self.optimizers:
+            opt.state.clear()
+
+    def _world_mean(self, tensors: list[Tensor], what: str, step: int) -> list[Tensor]:
+        """Mean over ranks of ``tensors`` (new tensors; inputs untouched), with the non-finite policy."""
+        out = [torch.empty_like(t, dtype=_mean_dtype(t.dtype)) for t in tensors]
+        if not is_dist():
+            for o, t in zip(out, tensors):
+                o.copy_(t)
+            return out
+        good, buckets, _ = self._reduce_with_flags(tensors, what, step)
+        write_back(buckets, out, 1.0 / good)
+        return out
+
+    def _average_buffers_now(self, step: int) -> None:
+        """Float buffers averaged (if ``average_buffers``), integer buffers taken from rank 0."""
+        if not is_dist():
+            return
+        floats = self._float_buffers()
+        if self.average_buffers and floats:
+            means = self._world_mean(floats, "buffers", step)
+            torch._foreach_copy_(floats, means)
+        ints = self._int_buffers()
+        if ints:
+            broadcast_flat(ints, src=0, meter=self.meter)
+
+    # ------------------------------------------------------------------ consensus weights
+    def _consensus(self) -> list[Tensor]:
+        """Consensus values for ``_module_tensors()`` (default: the world average; a collective)."""
+        tensors = self._module_tensors()
+        floats = [t for t in tensors if t.is_floating_point()]
+        means = iter(self._world_mean(floats, "weights", self._steps.get(0, 0)))
+        return [next(means).to(t.dtype) if t.is_floating_point() else t.clone() for t in tensors]
+
+    def _fitting(self) -> bool:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        return trainer is not None and trainer.state.fn == TrainerFn.FITTING
+
+    def _swap_in_consensus(self) -> None:
+        if self._in_sync or self._stash is not None or self.lightning_module is None:
+            return
+        tensors = self._module_tensors()
+        consensus = self._consensus()
+        self._stash = [t.detach().clone() for t in tensors]
+        with torch.no_grad():
+            torch._foreach_copy_(tensors, consensus)
+
+    def _swap_back(self) -> None:
+        if self._stash is None:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self._module_tensors(), self._stash)
+        self._stash = None
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self._fitting():
+            self._swap_in_consensus()
+
+    def on_validation_end(self) -> None:
+        self._swap_back()
+        super().on_validation_end()
+
+    def on_train_end(self) -> None:
+        # `trainer.fit` hands back the consensus model (training is over, so the trajectory is unaffected).
+        if not self._in_sync:
+            self._swap_in_consensus()
+            self._stash = None
+            self._in_sync = True
+        super().on_train_end()
+
+    # ------------------------------------------------------------------ checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = self.lightning_module.state_dict()
+        if self._in_sync or not self._fitting():
+            return state
+        names = {id(t): n for n, t in _named_tensors(self.lightning_module)}
+        for t, c in zip(self._module_tensors(), self._consensus()):
+            name = names.get(id(t))
+            if name in state:
+                state[name] = c
+        return state
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Collective on every rank (as ``Trainer.save_checkpoint`` calls it): gathers each rank's local weights
+        and optimizer states into the checkpoint that rank 0 writes."""
+        local = {
+            "module": {n: t.detach().cpu().clone() for n, t in _named_tensors(self.lightning_module)},
+            "optimizer_states": _to_cpu(checkpoint.get("optimizer_states")),
+        }
+        if is_dist():
+            ranks: list[Any] = [None] * self.world
+            dist.all_gather_object(ranks, local)
+        else:
+            ranks = [local]
+        checkpoint[_CKPT_KEY] = {"world_size": self.world, "strategy": self.strategy_state_dict(), "ranks": ranks}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._restored = checkpoint.get(_CKPT_KEY)
+        return checkpoint
+
+    def _local_entry(self) -> dict[str, Any] | None:
+        saved = self._restored
+        if saved is None or not self._fitting():
+            return None
+        if saved["world_size"] != self.world:
+            warnings.warn(
+                f"checkpoint was written with world size {saved['world_size']}, resuming with {self.world}: every "
+                "rank restarts from the consensus weights and rank 0's optimizer state", stacklevel=2)
+            return None
+        return saved["ranks"][self.rank]
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)
+        if self._restored is None or not self._fitting():
+            return
+        self.load_strategy_state_dict(self._restored["strategy"])
+        entry = self._local_entry()
+        if entry is not None:
+            self.lightning_module.load_state_dict(entry["module"], strict=strict)
+        else:
+            self._in_sync = True
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        entry = self._local_entry()
+        if entry is not None and entry.get("optimizer_states") is not None:
+            checkpoint = {**checkpoint, "optimizer_states": entry["optimizer_states"]}
+        super().load_optimizer_state_dict(checkpoint)
+
+    def strategy_state_dict(self) -> dict[str, Any]:
+        """Counters, schedule, comm meter and the subclass's extra state (identical on every rank)."""
+        return {
+            "steps": dict(self._steps),
+            "next_sync": dict(self._next_sync),
+            "period_now": dict(self._period_now),
+            "in_sync": self._in_sync,
+            "schedule": self.schedule.state_dict(),
+            "meter": self.meter.state_dict(),
+            "extra": self._extra_state_dict(),
+        }
+
+    def load_strategy_state_dict(self, state: dict[str, Any]) -> None:
+        self._steps = {int(k): int(v) for k, v in state["steps"].items()}
+        self._next_sync = {int(k): int(v) for k, v in state["next_sync"].items()}
+        self._period_now = {int(k): int(v) for k, v in state["period_now"].items()}
+        self._in_sync = bool(state["in_sync"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.meter.load_state_dict(state["meter"])
+        self._load_extra_state_dict(state["extra"])
+
+    def _extra_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ logging
+    @property
+    def comm_stats(self) -> dict[str, float]:
+        """Cumulative communication figures (also logged as ``comm/*`` on logging steps)."""
+        return {
+            "comm/bytes": float(self.meter.bytes),
+            "comm/syncs": float(self.meter.syncs),
+            "comm/sync_seconds": float(self.meter.extra.get("sync_seconds", 0.0)),
+            "comm/ddp_bytes": float(self.meter.extra.get("ddp_bytes", 0.0)),
+            "comm/period": float(self._period_now.get(0, 0)),
+        }
+
+    def _maybe_log(self, step: int) -> None:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is None or not trainer.loggers or not self.is_global_zero:
+            return
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+        if step % every:
+            return
+        stats = self.comm_stats
+        for logger in trainer.loggers:
+            logger.log_metrics(stats, step=step)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(period={self.schedule!r}, warmup_steps={self.warmup_steps})"
+
+
+def _mean_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Means of half-precision tensors are kept in fp32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

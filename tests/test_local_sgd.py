@@ -1,0 +1,144 @@
+"""LocalSGDStrategy on real 2-process gloo runs (see tests/dist.py for the recipe)."""
+
+import pytest
+import torch
+from dist import run_ranks
+from scripts._common import TinyModel, make_data
+
+from lightning_opt.strategies import ConstantHorizon, ConstantPeriod, LocalSGDStrategy
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("basic")
+    run_ranks("local_sgd_basic.py", out, timeout=300)
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_period_one_reproduces_ddp(basic):
+    r0, r1 = basic
+    torch.testing.assert_close(r0["tau1"]["params"], r0["ddp"]["params"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(r1["tau1"]["params"], r0["ddp"]["params"], atol=1e-6, rtol=0)
+
+
+def test_warmup_is_ddp_then_local_steps_then_equal_after_sync(basic):
+    p0, p1 = basic[0]["tau4_warm3"]["params"], basic[1]["tau4_warm3"]["params"]
+    ddp = basic[0]["ddp"]["params"]
+    for i in range(3):  # warmup steps 1..3: DDP-equivalent
+        assert _max_diff(p0[i], p1[i]) == 0
+        torch.testing.assert_close(p0[i], ddp[i], atol=1e-6, rtol=0)
+    for step in (4, 5, 6, 8, 9, 10, 12):  # local steps: ranks drift apart (different shards)
+        equal = _max_diff(p0[step - 1], p1[step - 1]) == 0
+        assert equal == (step in (7, 11)), step
+    for step in (7, 11):  # syncs after steps warmup + τ, warmup + 2τ
+        assert _max_diff(p0[step - 1], p1[step - 1]) == 0
+
+
+def test_float_buffers_averaged_at_sync_only_when_enabled(basic):
+    b0, b1 = basic[0]["tau4_warm3"]["bn"], basic[1]["tau4_warm3"]["bn"]
+    assert _max_diff(b0[6], b1[6]) == 0 and _max_diff(b0[4], b1[4]) > 0
+    n0, n1 = basic[0]["tau4_nobuf"]["bn"], basic[1]["tau4_nobuf"]["bn"]
+    p0, p1 = basic[0]["tau4_nobuf"]["params"], basic[1]["tau4_nobuf"]["params"]
+    assert _max_diff(p0[3], p1[3]) == 0 and _max_diff(n0[3], n1[3]) > 0
+
+
+def _reference_outer(steps=12, period=3, lr=0.05, outer_lr=0.7, mu=0.9, nesterov=True):
+    """Hand-written Local SGD + Nesterov outer step on 2 simulated workers (no Lightning, no collectives)."""
+    ds = make_data(96)
+    shards = [[ds[i] for i in range(r, 96, 2)] for r in (0, 1)]
+    models = [TinyModel(bn=False) for _ in (0, 1)]
+    anchor = [p.detach().clone() for p in models[0].parameters()]
+    mom = [torch.zeros_like(a) for a in anchor]
+    for step in range(1, steps + 1):
+        b = (step - 1) % 6
+        for r, m in enumerate(models):
+            x = torch.stack([s[0] for s in shards[r][8 * b: 8 * b + 8]])
+            y = torch.stack([s[1] for s in shards[r][8 * b: 8 * b + 8]])
+            m.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= lr * p.grad
+        if step % period == 0:
+            ps = [list(m.parameters()) for m in models]
+            with torch.no_grad():
+                for j, a in enumerate(anchor):
+                    delta = a - (ps[0][j] + ps[1][j]) / 2
+                    mom[j] = mu * mom[j] + delta
+                    a -= outer_lr * (delta + mu * mom[j] if nesterov else mom[j])
+                    for r in (0, 1):
+                        ps[r][j].copy_(a)
+    return torch.cat([p.detach().reshape(-1) for p in models[0].parameters()])
+
+
+def test_outer_optimizer_matches_hand_written_reference(basic):
+    ref = _reference_outer()
+    torch.testing.assert_close(basic[0]["outer"]["params"][-1], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(basic[1]["outer"]["final"], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_constant_horizon_stretches_period_when_lr_drops(basic):
+    h = basic[0]["horizon"]
+    p0, p1 = h["params"], basic[1]["horizon"]["params"]
+    syncs = [i + 1 for i in range(len(p0)) if _max_diff(p0[i], p1[i]) == 0]
+    # lr 0.1 → horizon 0.4 gives τ=4; the StepLR drop to 0.02 after step 8 gives τ=20 at the sync after step 8
+    assert syncs == [4, 8, 12, 32]
+    assert h["period"] == 500  # lr 0.1 * 0.2**3 at step 32
+    # bytes per optimizer step: parameters once per sync (plus buffers/flags) vs DDP's gradients every step
+    assert h["bytes"] < h["ddp_bytes"] / 5
+
+
+@pytest.mark.parametrize("opt,mode", [("sgd", "plain"), ("adam", "plain"), ("sgd", "outer")])
+def test_resume_mid_period_is_exact(tmp_path, opt, mode):
+    run_ranks("local_sgd_resume.py", tmp_path, opt, mode, timeout=300)
+    for r in (0, 1):
+        d = torch.load(tmp_path / f"rank{r}.pt")
+        assert d["resumed"].shape[0] == 12 and d["full"].shape[0] == 18
+        torch.testing.assert_close(d["resumed"], d["full"][6:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(d["res_final"], d["full_final"], atol=1e-6, rtol=0)
+
+
+def test_nonfinite_raise_names_rank_and_step(tmp_path):
+    run_ranks("local_sgd_nan.py", tmp_path, "raise", timeout=200)
+    for r in (0, 1):
+        d = torch.load(tmp_path / f"rank{r}.pt")
+        assert "rank(s) [1]" in d["error"] and "step 8" in d["error"]
+        assert torch.isfinite(d["params"][:5]).all()  # poisoned after step 6
+
+
+def test_nonfinite_drop_resets_rank_to_consensus(tmp_path):
+    run_ranks("local_sgd_nan.py", tmp_path, "drop", timeout=200)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a["error"] is None and torch.isfinite(a["params"]).all()
+    assert not torch.isfinite(b["params"][6]).all()  # rank 1 was poisoned after step 6 ...
+    assert torch.equal(a["params"][7], b["params"][7])  # ... and reset to rank 0's weights at the sync
+    assert torch.isfinite(b["params"][-1]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [({"period": 0}, "period"), ({"period": 2.5}, "period"), ({"warmup_steps": -1}, "warmup_steps"),
+     ({"outer_lr": 0.0}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
+     ({"outer_nesterov": True}, "outer_nesterov"), ({"nonfinite": "ignore"}, "nonfinite"),
+     ({"average_buffers": "yes"}, "average_buffers"), ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
+     ({"timeout": -1}, "timeout"), ({"start_method": "thread"}, "start_method")],
+)
+def test_invalid_arguments_raise_value_error(kwargs, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        LocalSGDStrategy(**kwargs)
+
+
+def test_schedules_validate_and_compute():
+    assert ConstantPeriod(3).next_period(10, 0.1) == 3
+    assert ConstantHorizon(0.4).next_period(0, 0.1) == 4
+    assert ConstantHorizon(0.4).next_period(0, 0.02) == 20
+    assert ConstantHorizon(1.0, max_period=7).next_period(0, 1e-9) == 7
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="`horizon`"):
+            ConstantHorizon(bad)
