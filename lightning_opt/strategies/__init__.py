@@ -1,15 +1,19 @@
 """Lightning strategies built on the periodic-synchronisation base (see ``periodic.py``)."""
 
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
+from lightning_opt.strategies.lookahead import LookaheadStrategy
+from lightning_opt.strategies.lsgd import LSGDStrategy
 from lightning_opt.strategies.periodic import NonFiniteError, PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import ConstantHorizon, ConstantPeriod, PeriodSchedule
 
-STRATEGIES = (LocalSGDStrategy,)
+STRATEGIES = (LocalSGDStrategy, LSGDStrategy, LookaheadStrategy)
 
 __all__ = [
     "ConstantHorizon",
     "ConstantPeriod",
     "LocalSGDStrategy",
+    "LSGDStrategy",
+    "LookaheadStrategy",
     "NonFiniteError",
     "PeriodSchedule",
     "PeriodicSyncStrategy",

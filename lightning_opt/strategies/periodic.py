@@ -50,6 +50,10 @@ class PeriodicSyncStrategy(DDPStrategy):
     """Base class; see the module docstring. Subclasses implement :meth:`_sync` and may override
     :meth:`_consensus`, :meth:`_extra_state_dict` and :meth:`_load_extra_state_dict`."""
 
+    #: True for strategies whose inner steps are DDP steps (Lookahead ``mode="sync"``): gradients are averaged
+    #: after every backward, not only during warmup.
+    average_gradients_every_step: bool = False
+
     def __init__(
         self,
         period: int | PeriodSchedule = 1,
@@ -150,17 +154,20 @@ class PeriodicSyncStrategy(DDPStrategy):
         idx = self._opt_index(optimizer)
         step = self._steps.get(idx, 0) + 1
         in_warmup = step <= self.warmup_steps
+        ddp_like = in_warmup or self.average_gradients_every_step
         if not in_warmup:
             self._before_local_step(idx, step)
-        if in_warmup and is_dist():
+        if ddp_like and is_dist():
             closure = self._averaging_closure(closure, idx, step)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._steps[idx] = step
+        self._after_inner_step(idx, step, output)
         self.meter.extra["ddp_bytes"] = self.meter.extra.get("ddp_bytes", 0) + nbytes(
             [p for p in self._opt_params(idx) if p.requires_grad])
+        if ddp_like and is_dist() and idx == 0:
+            # DDP broadcasts buffers from rank 0 before each forward; doing it after the step is equivalent.
+            broadcast_flat(list(self.lightning_module.buffers()), src=0, meter=self.meter)
         if in_warmup:
-            if is_dist() and idx == 0:
-                broadcast_flat(list(self.lightning_module.buffers()), src=0, meter=self.meter)
             self._in_sync = True
             return output
         self._in_sync = False
@@ -184,6 +191,10 @@ class PeriodicSyncStrategy(DDPStrategy):
             raise ValueError(f"period schedule {self.schedule!r} returned period {period} < 1")
         self._period_now[idx] = period
         self._next_sync[idx] = step + period
+
+    def _after_inner_step(self, idx: int, step: int, output: Any) -> None:
+        """Hook after every optimizer step, before any sync; ``output`` is the closure's loss (automatic
+        optimisation) or whatever ``optimizer.step`` returned."""
 
     def _before_local_step(self, idx: int, step: int) -> None:
         """Hook before a post-warmup optimizer step (e.g. record the anchor where local training starts)."""
@@ -334,6 +345,7 @@ class PeriodicSyncStrategy(DDPStrategy):
         local = {
             "module": {n: t.detach().cpu().clone() for n, t in _named_tensors(self.lightning_module)},
             "optimizer_states": _to_cpu(checkpoint.get("optimizer_states")),
+            "strategy_local": _to_cpu(self._local_state_dict()),
         }
         if is_dist():
             ranks: list[Any] = [None] * self.world
@@ -367,6 +379,7 @@ class PeriodicSyncStrategy(DDPStrategy):
         entry = self._local_entry()
         if entry is not None:
             self.lightning_module.load_state_dict(entry["module"], strict=strict)
+            self._load_local_state_dict(entry.get("strategy_local") or {})
         else:
             self._in_sync = True
 
@@ -398,7 +411,15 @@ class PeriodicSyncStrategy(DDPStrategy):
         self._load_extra_state_dict(state["extra"])
 
     def _extra_state_dict(self) -> dict[str, Any]:
+        """Strategy state that is identical on every rank (saved once)."""
         return {}
+
+    def _local_state_dict(self) -> dict[str, Any]:
+        """Strategy state that differs per rank (saved for every rank, e.g. LSGD's score windows)."""
+        return {}
+
+    def _load_local_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
         pass

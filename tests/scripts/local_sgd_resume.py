@@ -8,13 +8,18 @@ from _common import Recorder, TinyModel, rank, trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import lightning_opt  # noqa: F401
-from lightning_opt.strategies import LocalSGDStrategy
+from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDStrategy
 
 out, opt, strategy_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 kw = {"opt": opt, "momentum": 0.9 if opt == "sgd" else 0.0, "lr": 0.05 if opt == "sgd" else 0.01}
 
 
 def make_strategy():
+    if strategy_name.startswith("lookahead_"):
+        return LookaheadStrategy(period=4, alpha=0.5, mode=strategy_name.split("_")[1], pullback_momentum="pullback",
+                                 timeout=60)
+    if strategy_name == "lsgd":
+        return LSGDStrategy(period=4, pull=0.5, leader_window=3, timeout=60)
     if strategy_name == "outer":
         return LocalSGDStrategy(period=4, outer_lr=0.7, outer_momentum=0.9, outer_nesterov=True, timeout=60)
     return LocalSGDStrategy(period=4, timeout=60)

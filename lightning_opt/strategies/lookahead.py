@@ -1,0 +1,117 @@
+"""Lookahead synchronisation: slow and fast weights over DDP (sync mode) or as a multi-agent method (local mode)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_opt.strategies._validate import check_choice, check_float
+from lightning_opt.strategies.local_sgd import LocalSGDStrategy
+from lightning_opt.strategies.schedules import PeriodSchedule
+
+_SLOW_MOMENTUM = "lookahead_slow_momentum"
+
+
+class LookaheadStrategy(LocalSGDStrategy):
+    r"""Lookahead (Zhang et al. 2019; curvature paper Alg. 1; Lookahead-convergence paper Alg. 1).
+
+    The fast weights x take ``period`` (k) base-optimizer steps from the slow weights z, then
+
+    .. math:: z \leftarrow z + \alpha(\bar x - z), \qquad x \leftarrow z.
+
+    * ``mode="sync"``: gradients are all-reduced every step, so the fast weights are identical on every rank and
+      :math:`\bar x = x` (no extra communication at a sync). With ``devices=1`` this is classic Lookahead.
+    * ``mode="local"``: no per-step communication; :math:`\bar x = \frac1N\sum_i x_i` (the multi-agent extension
+      the convergence paper points to). This *is* Local SGD with outer lr α, and the code is shared with
+      :class:`LocalSGDStrategy` (the slow weights are its fp32 anchor).
+
+    The slow weights start at the initial weights :math:`x_0` (or the weights at the end of ``warmup_steps``), as in
+    the papers' Alg. 1. (timm's ``Lookahead`` creates its slow copy lazily at the first sync, so its first slow
+    update is a no-op; ours is not.) ``period`` accepts a schedule: ``ConstantHorizon(s)`` keeps γk = s as the lr
+    decays (curvature paper Alg. 3 / Cor. 5.7); the paper bounds the horizon by the negative curvature,
+    γk < 1/((1 − α)L⁻), which ``CurvatureAdaptivePeriod`` follows.
+
+    ``pullback_momentum`` handles the inner optimizer's first moment (``momentum_keys`` in its state, by default
+    SGD's ``momentum_buffer`` and Adam's ``exp_avg``) at a sync: ``"none"`` leaves it, ``"reset"`` zeroes it,
+    ``"pullback"`` interpolates it like the weights, :math:`m_x \leftarrow \alpha m_x + (1-\alpha) m_z`,
+    :math:`m_z \leftarrow m_x`, where :math:`m_z` (the momentum at the last sync) lives in the optimizer state so it
+    is checkpointed per rank.
+
+    Evaluation, ``fit``'s final weights and saved ``state_dict`` use the slow weights; training continues from the
+    fast weights. Exact resume covers slow weights, counters and inner optimizer state.
+    """
+
+    strategy_name = "lookahead"
+
+    def __init__(
+        self,
+        period: int | PeriodSchedule = 5,
+        alpha: float = 0.5,
+        mode: str = "sync",
+        pullback_momentum: str = "none",
+        momentum_keys: tuple[str, ...] = ("momentum_buffer", "exp_avg"),
+        warmup_steps: int = 0,
+        average_buffers: bool = True,
+        nonfinite: str = "raise",
+        bucket_cap_mb: float = 25.0,
+        timeout: float = 1800.0,
+        start_method: str = "popen",
+        **kwargs: Any,
+    ) -> None:
+        self.alpha = check_float("alpha", alpha, 0.0, 1.0, low_open=True)
+        self.mode = check_choice("mode", mode, ("sync", "local"))
+        self.pullback_momentum = check_choice("pullback_momentum", pullback_momentum, ("none", "reset", "pullback"))
+        self.momentum_keys = tuple(momentum_keys)
+        super().__init__(period=period, warmup_steps=warmup_steps, average_buffers=average_buffers, outer_lr=alpha,
+                         nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb, timeout=timeout,
+                         start_method=start_method, **kwargs)
+        self.average_gradients_every_step = self.mode == "sync"
+
+    @property
+    def uses_outer(self) -> bool:
+        return True  # the slow weights are the anchor, whatever α is
+
+    def _sync(self, idx: int, step: int) -> None:
+        params = self._opt_params(idx)
+        if self.mode == "local":
+            fast = self._world_mean(params, "parameters", step)
+        else:
+            self._check_finite(params, step)
+            fast = [p.detach() for p in params]
+        slow = self._outer_step(idx, fast)
+        with torch.no_grad():
+            torch._foreach_copy_(params, slow)
+        self._handle_momentum(idx)
+        if idx == 0 and self.mode == "local":
+            self._average_buffers_now(step)
+
+    def _check_finite(self, params: list[Tensor], step: int) -> None:
+        # Sync mode: fast weights are identical on every rank, so a non-finite value is everyone's; never let it
+        # into the slow weights.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            from lightning_opt.strategies.periodic import NonFiniteError
+
+            raise NonFiniteError(f"non-finite fast weights at optimizer step {step}; slow weights left untouched")
+
+    def _handle_momentum(self, idx: int) -> None:
+        if self.pullback_momentum == "none":
+            return
+        opt = self.optimizers[idx]
+        for p in self._opt_params(idx):
+            state = opt.state.get(p, {})
+            for key in self.momentum_keys:
+                m = state.get(key)
+                if not isinstance(m, Tensor):
+                    continue
+                if self.pullback_momentum == "reset":
+                    m.zero_()
+                    continue
+                slow_m = state.setdefault(_SLOW_MOMENTUM + ":" + key, torch.zeros_like(m))
+                m.mul_(self.alpha).add_(slow_m, alpha=1.0 - self.alpha)
+                slow_m.copy_(m)
+
+    def __repr__(self) -> str:
+        return (f"LookaheadStrategy(period={self.schedule!r}, alpha={self.alpha}, mode={self.mode!r}, "
+                f"pullback_momentum={self.pullback_momentum!r})")

@@ -1,0 +1,232 @@
+"""LSGD: leader stochastic gradient descent, single- and multi-leader."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
+from lightning_opt.strategies._validate import check_choice, check_float, check_int
+from lightning_opt.strategies.periodic import PeriodicSyncStrategy
+from lightning_opt.strategies.schedules import PeriodSchedule
+
+
+class LSGDStrategy(PeriodicSyncStrategy):
+    r"""Leader SGD (Teng et al. 2019, eq. (1)–(3) and Alg. 1).
+
+    Workers take local optimizer steps. At a communication step every worker scores itself with its mean training
+    loss over the last ``leader_window`` batches; the leader :math:`\tilde x` is the arg-min (ties → lowest rank;
+    non-finite scores, or non-finite parameters, never lead) and every worker moves
+
+    .. math:: x \leftarrow x - \lambda (x - \tilde x).
+
+    Multi-leader: workers form groups of ``group_size`` consecutive ranks (default: one group per node). Every
+    ``period`` (τ) steps each worker is pulled toward its *group* leader with ``pull`` (λ); every ``global_period``
+    (τ_G, a multiple of τ) it is then pulled toward the *global* leader with ``global_pull`` (λ_G). The paper used
+    τ = 64, τ_G = 128, λ ∈ {0.025 … 0.5}, λ_G = λ, and a window of 10 (CIFAR-10) or 64 (ImageNet) batches. Unlike
+    elastic averaging (EASGD), the LSGD objective keeps the stationary points of the original problem.
+
+    Communication per sync: one all-gather of the scores, one broadcast of the leader's parameters (and
+    floating-point buffers, which follow the same pull) in flat buckets from the leader rank within its group.
+    A worker whose parameters are non-finite is reset to its leader with a warning.
+
+    Scores come from the loss the training closure returns (automatic optimisation). Under manual optimisation
+    the strategy reads ``trainer.callback_metrics[score_key]`` (log your loss under that name).
+
+    ``eval_weights``: ``"center"`` (default, the mean of all workers as in the paper's experiments),
+    ``"leader"`` (the current global leader's weights) or ``"local"`` (each rank's own weights). Evaluation and
+    saved weights use them without changing the training trajectory.
+    """
+
+    strategy_name = "lsgd"
+
+    def __init__(
+        self,
+        period: int | PeriodSchedule = 64,
+        pull: float = 0.1,
+        leader_window: int = 10,
+        group_size: int | None = None,
+        global_period: int | None = None,
+        global_pull: float | None = None,
+        eval_weights: str = "center",
+        score_key: str = "train/loss",
+        warmup_steps: int = 0,
+        nonfinite: str = "raise",
+        bucket_cap_mb: float = 25.0,
+        timeout: float = 1800.0,
+        start_method: str = "popen",
+        **kwargs: Any,
+    ) -> None:
+        self.pull = check_float("pull", pull, 0.0, 1.0, low_open=True)
+        self.global_pull = self.pull if global_pull is None else check_float("global_pull", global_pull, 0.0, 1.0,
+                                                                              low_open=True)
+        self.leader_window = check_int("leader_window", leader_window, 1)
+        self.group_size = None if group_size is None else check_int("group_size", group_size, 1)
+        self.eval_weights = check_choice("eval_weights", eval_weights, ("center", "leader", "local"))
+        self.score_key = score_key
+        super().__init__(period=period, warmup_steps=warmup_steps, nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb,
+                         timeout=timeout, start_method=start_method, **kwargs)
+        base = getattr(self.schedule, "period", None)
+        if global_period is not None:
+            check_int("global_period", global_period, 1)
+            if base is None or global_period % base:
+                raise ValueError(f"`global_period` must be a multiple of `period` ({base}), got {global_period}")
+        self.global_period = global_period
+        self._window = torch.full((self.leader_window,), float("nan"))
+        self._filled = 0
+        self._local_syncs = 0
+        self._groups: list[list[int]] | None = None
+        self._my_group: Any = None
+        self.last_leader: int | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ groups
+    def _resolved_group_size(self) -> int:
+        size = self.group_size if self.group_size is not None else max(1, self.num_processes)
+        if self.world % size:
+            raise ValueError(f"`group_size` must divide the world size {self.world}, got {size}")
+        return size
+
+    def _global_every(self) -> int:
+        """Global pulls happen every this many local syncs (0: never, i.e. one group and no global period)."""
+        base = getattr(self.schedule, "period", 1)
+        if self.global_period is not None:
+            return self.global_period // base
+        return 0 if self._resolved_group_size() == self.world else 2
+
+    def _ensure_groups(self) -> None:
+        if self._groups is not None:
+            return
+        size = self._resolved_group_size()
+        self._groups = [list(range(s, s + size)) for s in range(0, self.world, size)]
+        if is_dist() and 1 < size < self.world:
+            for ranks in self._groups:  # every rank creates every subgroup, in the same order
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self._my_group = group
+
+    # ------------------------------------------------------------------ scores
+    def _after_inner_step(self, idx: int, step: int, output: Any) -> None:
+        if idx != 0:
+            return
+        loss = output
+        if not isinstance(loss, Tensor):
+            trainer = getattr(self.lightning_module, "_trainer", None)
+            loss = None if trainer is None else trainer.callback_metrics.get(self.score_key)
+        if isinstance(loss, Tensor):
+            if self._window.device != loss.device:
+                self._window = self._window.to(loss.device)
+            # device-side write: no host sync per step
+            self._window[self._filled % self.leader_window] = loss.detach().float().reshape(-1)[0]
+            self._filled += 1
+
+    def _local_score(self, params: list[Tensor]) -> float:
+        finite_params = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        n = min(self._filled, self.leader_window)
+        if not finite_params or n == 0:
+            return float("inf")
+        score = float(self._window[:n].mean())
+        return score if score == score and abs(score) != float("inf") else float("inf")
+
+    @staticmethod
+    def _argmin(scores: Tensor, ranks: list[int]) -> int | None:
+        sub = scores[ranks]
+        if not torch.isfinite(sub).any():
+            return None
+        return ranks[int(torch.argmin(sub))]  # first minimum: ties go to the lowest rank
+
+    # ------------------------------------------------------------------ sync
+    def _sync(self, idx: int, step: int) -> None:
+        if idx != 0:
+            return
+        self._ensure_groups()
+        tensors = self._pulled_tensors()
+        scores = all_gather_vector(torch.tensor([self._local_score(tensors)], device=self.root_device)).reshape(-1)
+        scores = scores.cpu()
+        self.meter.add(scores.numel() * 4 * self.world, 0.0)
+        self._local_syncs += 1
+        my_group = next(g for g in self._groups if self.rank in g)
+        glob = self._argmin(scores, list(range(self.world)))
+        if len(my_group) == self.world:  # one group: the group leader is the global leader
+            self._pull_toward(tensors, glob, self.pull, None, step)
+        else:
+            if len(my_group) > 1:
+                self._pull_toward(tensors, self._argmin(scores, my_group), self.pull, self._my_group, step)
+            every = self._global_every()
+            if every and self._local_syncs % every == 0:
+                self._pull_toward(tensors, glob, self.global_pull, None, step)
+        self.last_leader = glob
+        self._log_sync(step, scores, glob)
+
+    def _pulled_tensors(self) -> list[Tensor]:
+        return list(self._opt_params(0)) + self._float_buffers()
+
+    def _pull_toward(self, tensors: list[Tensor], leader: int | None, lam: float, group: Any, step: int) -> None:
+        if leader is None:
+            warnings.warn(f"LSGD: no finite score at optimizer step {step}; skipping the pull", stacklevel=2)
+            return
+        leader_values = [t.detach().clone() for t in tensors]
+        if is_dist():
+            broadcast_flat(leader_values, src=leader, meter=self.meter, group=group, cap_mb=self.bucket_cap_mb)
+        if self.rank == leader:
+            return
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        with torch.no_grad():
+            if not finite or lam == 1.0:  # λ = 1 (or a reset) copies the leader exactly
+                if not finite:
+                    warnings.warn(f"LSGD: rank {self.rank} has non-finite parameters at optimizer step {step}; reset "
+                                  f"to its leader (rank {leader})", stacklevel=2)
+                    for opt in self.optimizers:
+                        opt.state.clear()
+                torch._foreach_copy_(tensors, leader_values)
+                return
+            # x ← x − λ(x − x̃)  ==  x + λ(x̃ − x)
+            torch._foreach_add_(tensors, torch._foreach_sub(leader_values, tensors), alpha=lam)
+
+    def _log_sync(self, step: int, scores: Tensor, leader: int | None) -> None:
+        finite = scores[torch.isfinite(scores)]
+        spread = float(finite.max() - finite.min()) if finite.numel() else float("nan")
+        info = {"lsgd/leader": float(-1 if leader is None else leader), "lsgd/score_spread": spread,
+                "lsgd/leader_score": float(scores[leader]) if leader is not None else float("nan")}
+        self.history.append({"step": step, "scores": scores.tolist(), "leader": leader})
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None and self.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({**info, **self.comm_stats}, step=step)
+
+    # ------------------------------------------------------------------ consensus
+    def _consensus(self) -> list[Tensor]:
+        if self.eval_weights == "center":
+            return super()._consensus()
+        tensors = self._module_tensors()
+        values = [t.detach().clone() for t in tensors]
+        if self.eval_weights == "leader" and is_dist():
+            floats = [v for v in values if v.is_floating_point()]
+            score = torch.tensor([self._local_score(floats)], device=self.root_device)
+            leader = self._argmin(all_gather_vector(score).reshape(-1).cpu(), list(range(self.world)))
+            broadcast_flat(values, src=0 if leader is None else leader, cap_mb=self.bucket_cap_mb)
+        return values
+
+    # ------------------------------------------------------------------ state
+    def _extra_state_dict(self) -> dict[str, Any]:
+        return {"local_syncs": self._local_syncs, "last_leader": self.last_leader}
+
+    def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self._local_syncs = int(state.get("local_syncs", 0))
+        self.last_leader = state.get("last_leader")
+
+    def _local_state_dict(self) -> dict[str, Any]:
+        return {"window": self._window.clone(), "filled": self._filled}
+
+    def _load_local_state_dict(self, state: dict[str, Any]) -> None:
+        if "window" in state:
+            self._window = state["window"].clone().float().cpu()
+            self._filled = int(state["filled"])
+
+    def __repr__(self) -> str:
+        return (f"LSGDStrategy(period={self.schedule!r}, pull={self.pull}, leader_window={self.leader_window}, "
+                f"group_size={self.group_size}, global_period={self.global_period}, global_pull={self.global_pull})")

@@ -1,0 +1,82 @@
+"""LSGDStrategy on 2 and 4 gloo processes: pulls, leader choice, NaN handling, multi-leader groups, resume."""
+
+import pytest
+import torch
+from dist import run_ranks
+
+from lightning_opt.strategies import LSGDStrategy
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _run(tmp_path, world, pull, global_pull, group_size, global_period, offsets, poison=None):
+    args = [tmp_path, "run", pull, global_pull, group_size, global_period, ",".join(map(str, offsets))]
+    if poison is not None:
+        args.append(poison)
+    run_ranks("lsgd_runs.py", *args, world_size=world, timeout=300)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def test_pull_half_moves_each_worker_exactly_halfway_toward_the_leader(tmp_path):
+    d = _run(tmp_path, 2, 0.5, 0.5, "none", "none", [1.0, 0.0])
+    assert [h["leader"] for h in d[0]["history"]] == [1, 1, 1, 1]
+    expected = d[0]["pre"] + 0.5 * (d[1]["pre"] - d[0]["pre"])
+    torch.testing.assert_close(d[0]["post"], expected, atol=1e-7, rtol=0)
+    assert torch.equal(d[1]["post"], d[1]["pre"])  # the leader does not move
+
+
+def test_pull_one_and_argmin_leader_over_four_workers(tmp_path):
+    offsets = [3.0, 1.0, 2.0, 0.5]
+    d = _run(tmp_path, 4, 1.0, 1.0, "4", "none", offsets)
+    assert all(h["leader"] == 3 for h in d[0]["history"])
+    for r in range(4):
+        assert torch.equal(d[r]["post"], d[3]["pre"])
+    scores = torch.tensor(d[0]["history"][0]["scores"])
+    assert int(torch.argmin(scores)) == 3 and (scores[0] - scores[3]) > 2.0
+
+
+def test_nan_worker_never_leads_and_is_reset_to_leader(tmp_path):
+    d = _run(tmp_path, 2, 0.5, 0.5, "none", "none", [1.0, 0.0], poison=1)
+    first_after_poison = d[0]["history"][1]  # the sync after step 4; rank 1 was poisoned after step 3
+    assert first_after_poison["leader"] == 0
+    assert first_after_poison["scores"][1] == float("inf")
+    assert torch.equal(d[1]["post"][1], d[0]["pre"][1])  # reset to the leader, not pulled halfway
+    assert torch.isfinite(d[1]["post"]).all()
+
+
+def test_multi_leader_groups_then_global_leader(tmp_path):
+    offsets = [3.0, 1.0, 2.0, 0.5]  # group {0,1} leader 1; group {2,3} leader 3; global leader 3
+    d = _run(tmp_path, 4, 1.0, 1.0, "2", "4", offsets)
+    # step 2: local pulls only
+    for r in (0, 1):
+        assert torch.equal(d[r]["post"][0], d[1]["pre"][0])
+    for r in (2, 3):
+        assert torch.equal(d[r]["post"][0], d[3]["pre"][0])
+    assert not torch.equal(d[0]["post"][0], d[2]["post"][0])
+    # step 4 (= global_period): local pull, then the global pull toward rank 3
+    for r in range(4):
+        assert torch.equal(d[r]["post"][1], d[3]["pre"][1])
+
+
+def test_resume_mid_period_is_exact_including_score_windows(tmp_path):
+    run_ranks("local_sgd_resume.py", tmp_path, "sgd", "lsgd", timeout=300)
+    for r in (0, 1):
+        d = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(d["resumed"], d["full"][6:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,arg", [({"pull": 0.0}, "pull"), ({"pull": 1.5}, "pull"),
+                                        ({"global_pull": 0.0}, "global_pull"), ({"leader_window": 0}, "leader_window"),
+                                        ({"period": 2, "global_period": 3}, "global_period"),
+                                        ({"eval_weights": "best"}, "eval_weights"), ({"group_size": 0}, "group_size")])
+def test_invalid_arguments(kwargs, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        LSGDStrategy(**kwargs)
+
+
+def test_group_size_must_divide_world():
+    class FourRanks(LSGDStrategy):
+        world = 4
+
+    with pytest.raises(ValueError, match="`group_size`"):
+        FourRanks(group_size=3)._resolved_group_size()
