@@ -1,116 +1,34 @@
-"""Recipe for real multi-process Lightning jobs in tests (CPU, gloo), with timeouts.
+"""Test-side recipe for real multi-process runs: see :mod:`lightning_opt.testing` for how it works.
 
-How it works: a test runs a *script* (a file under ``tests/scripts/`` or any command such as the ``lightning-opt``
-CLI) in a fresh subprocess. The script builds a ``Trainer(accelerator="cpu", devices=N, strategy=...)``; Lightning's
-own launcher (``start_method="popen"``) re-executes the script for ranks 1..N-1, or the ``*_spawn`` strategies spawn
-them. Every rank writes its results (parameters, metrics) under an output directory the test passed in; the test
-reads those files. The whole process tree runs in its own session and is killed with SIGKILL when ``timeout``
-expires, so a hung collective fails the test instead of hanging CI. Scripts should also pass a short collective
-timeout to the strategy (``timeout=timedelta(seconds=60)``).
-
-Example::
-
-    def test_something(tmp_path):
-        run_script("train_local_sgd.py", "--out", tmp_path, timeout=120)
-        r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+Scripts live in ``tests/scripts/``; the tests directory is put on the children's ``PYTHONPATH`` so scripts can
+import ``_common``.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_opt import testing
+from lightning_opt.testing import free_port, run_command
+
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free right now (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["dist_env", "free_port", "run_command", "run_ranks", "run_script"]
 
 
 def dist_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a distributed child: loopback rendezvous on a fresh port, quiet, single-threaded BLAS."""
-    env = dict(os.environ)
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK"):
-        env.pop(key, None)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
-    )
-    env.update(extra or {})
+    env = testing.dist_env(extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     return env
 
 
-def run_command(cmd: Sequence[str | os.PathLike], *, timeout: float = 180, env: dict | None = None,
-                cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
-    """Run ``cmd`` (and every process it starts) with a hard timeout; raise with its output on failure."""
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env or dist_env(), cwd=cwd, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {cmd}\n{out[-6000:]}") from None
-    finally:
-        try:  # reap stray ranks whatever happened
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if proc.returncode != 0:
-        raise AssertionError(f"exit code {proc.returncode}: {cmd}\n{out[-8000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
+def run_script(script: str, *args, timeout: float = 180, env: dict | None = None):
+    return testing.run_script(SCRIPTS / script, *args, timeout=timeout, env=env or dist_env())
 
 
-def run_script(script: str, *args: str | os.PathLike, timeout: float = 180,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``tests/scripts/<script>`` with the current interpreter (see the module docstring)."""
-    return run_command([sys.executable, SCRIPTS / script, *args], timeout=timeout, env=env)
-
-
-def run_ranks(script: str, *args: str | os.PathLike, world_size: int = 2, timeout: float = 180,
-              extra_env: dict[str, str] | None = None, nodes: int = 1) -> list[str]:
-    """Launch ``world_size`` copies of ``tests/scripts/<script>`` ourselves (``LOCAL_RANK``/``NODE_RANK`` set,
-    so Lightning treats them as externally created ranks). Use this when one script runs several ``fit`` calls
-    (the process group is reused) or to simulate ``nodes`` nodes on loopback. Returns each rank's output."""
-    env0 = dist_env(extra_env)
-    per_node = world_size // nodes
-    procs = []
-    for r in range(world_size):
-        env = dict(env0, LOCAL_RANK=str(r % per_node), NODE_RANK=str(r // per_node), WORLD_SIZE=str(world_size),
-                   RANK=str(r))
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / script), *map(str, args)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                      start_new_session=True))
-    outs, failed = [], []
-    try:
-        for r, p in enumerate(procs):
-            out, _ = p.communicate(timeout=timeout)
-            outs.append(out)
-            if p.returncode != 0:
-                failed.append(r)
-    except subprocess.TimeoutExpired:
-        failed.append(-1)
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        while len(outs) < len(procs):
-            outs.append(procs[len(outs)].communicate()[0])
-    if failed:
-        detail = "\n".join(f"--- rank {r} (rc={p.returncode})\n{o[-5000:]}"
-                            for r, (p, o) in enumerate(zip(procs, outs)))
-        raise AssertionError(f"ranks failed or timed out ({failed}) in {script}\n{detail}")
-    return outs
+def run_ranks(script: str, *args, world_size: int = 2, timeout: float = 180, extra_env: dict | None = None,
+              nodes: int = 1) -> list[str]:
+    extra = dict(extra_env or {})
+    extra["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return testing.run_ranks(SCRIPTS / script, *args, world_size=world_size, timeout=timeout, extra_env=extra,
+                             nodes=nodes)
