@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run --out benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.run --out benchmarks/RESULTS_latest.md
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke

@@ -1,0 +1,54 @@
+"""Runs every benchmark and collects their tables (``make bench`` / ``make bench-smoke``).
+
+    python -m benchmarks.run --out benchmarks/RESULTS_latest.md   # full suite (tens of minutes on 2 CPU cores)
+    python -m benchmarks.run --smoke                              # seconds-to-minutes smoke mode
+
+Each benchmark prints ratios measured side by side in one run; this script only concatenates their output with a
+machine description and the command line. ``benchmarks/RESULTS.md`` holds the curated figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+BENCHES = ["bench_optim", "bench_sharpness", "bench_monitors_noise", "bench_strategies"]
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
+            f", CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    parts = [f"# Benchmark run {time.strftime('%Y-%m-%d %H:%M')}\n", f"Machine: {machine()}\n"]
+    failed = 0
+    for name in args.only or BENCHES:
+        cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--smoke"] if args.smoke else [])
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        failed += proc.returncode != 0
+        parts.append(f"\n## {name}\n\n`{' '.join(cmd[1:])}` ({time.perf_counter() - start:.0f} s, "
+                     f"exit {proc.returncode})\n\n{proc.stdout.strip()}\n")
+        if proc.returncode:
+            parts.append(f"\n```\n{proc.stderr[-3000:]}\n```\n")
+        print(parts[-1], flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("".join(parts))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""TensorBoard dashboard: a custom-scalars layout that groups what the strategies and monitors log.
+
+``DashboardCallback`` writes the layout once (rank 0) into the run's TensorBoard event file, so the
+"Custom Scalars" tab shows Optimization, Curvature (λ_max on the same chart as the 2/lr edge of stability),
+Noise, Time averages and Communication. ``dashboard_layout()`` returns the layout for use with any
+``SummaryWriter.add_custom_scalars``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+
+Layout = dict[str, dict[str, list[Any]]]
+
+
+def dashboard_layout() -> Layout:
+    """Category → chart title → ``["Multiline", [tag regexes]]`` (or ``["Margin", [value, lower, upper]]``)."""
+    return {
+        "Optimization": {
+            "loss": ["Multiline", ["train/loss", "val/loss", r"time_avg/train/loss", r"window_avg/train/loss"]],
+            "learning rate": ["Multiline", [r"lr-.*", r"lr"]],
+            "gradient norm": ["Multiline", ["grad/norm", "grad/norm_max", r"time_avg/grad/norm"]],
+            "clipping": ["Multiline", ["grad/clip_scale", "grad/clip_fraction", "grad/skipped"]],
+        },
+        "Curvature": {
+            "lambda_max vs 2/lr (edge of stability)": ["Multiline", ["curvature/lambda_max", "curvature/two_over_lr"]],
+            "lambda_min": ["Multiline", ["curvature/lambda_min"]],
+            "ratios": ["Multiline", ["curvature/eos_ratio", "curvature/neg_pos_ratio"]],
+            "smoothness": ["Multiline", [r"curvature/smoothness.*", r"curvature/L0", r"curvature/L1"]],
+        },
+        "Noise": {
+            "noise norm": ["Multiline", ["noise/norm", "noise/b_simple"]],
+            "tail index (coordinates)": ["Margin", ["noise/tail_alpha_coord", "noise/tail_alpha_coord_lo",
+                                                    "noise/tail_alpha_coord_hi"]],
+            "tail index (samples)": ["Margin", ["noise/tail_alpha_sample", "noise/tail_alpha_sample_lo",
+                                                "noise/tail_alpha_sample_hi"]],
+            "tail index (Hill)": ["Margin", ["noise/tail_alpha_hill", "noise/tail_alpha_hill_lo",
+                                             "noise/tail_alpha_hill_hi"]],
+        },
+        "Time averages": {
+            "Cesàro averages": ["Multiline", [r"time_avg/.*"]],
+            "per-step gain": ["Margin", ["time_avg/gain", "time_avg/gain_lo", "time_avg/gain_hi"]],
+            "plateau": ["Multiline", [r"plateau/.*"]],
+        },
+        "Communication": {
+            "bytes (vs DDP)": ["Multiline", ["comm/bytes", "comm/ddp_bytes"]],
+            "syncs and period": ["Multiline", ["comm/syncs", "comm/period"]],
+            "sync seconds": ["Multiline", ["comm/sync_seconds"]],
+            "LSGD leader": ["Multiline", ["lsgd/leader", "lsgd/score_spread", "lsgd/leader_score"]],
+        },
+    }
+
+
+class DashboardCallback(pl.Callback):
+    """Writes :func:`dashboard_layout` into every ``TensorBoardLogger`` of the trainer on rank 0 at fit start."""
+
+    def __init__(self, layout: Layout | None = None) -> None:
+        if layout is not None and not isinstance(layout, dict):
+            raise ValueError(f"`layout` must be a dict of categories, got {type(layout).__name__}")
+        self.layout = layout or dashboard_layout()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(self.layout)
+                logger.experiment.flush()
