@@ -22,8 +22,9 @@ BENCHES = ["bench_optim", "bench_sharpness", "bench_monitors_noise", "bench_stra
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
-            f", CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+    cuda = f"yes: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no"
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, CUDA {cuda}")
 
 
 def main() -> int:

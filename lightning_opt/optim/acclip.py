@@ -1,0 +1,224 @@
+"""ACClip: adaptive coordinate-wise clipping with momentum."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_opt.optim._common import (
+    ClipOptimizerBase,
+    buckets,
+    check_beta,
+    check_bool,
+    check_interval,
+    check_nonneg,
+    check_positive,
+    pick,
+    state_dtype,
+    total_norm,
+    working_copies,
+    write_back,
+)
+
+__all__ = ["ACClip"]
+
+
+def _abs_pow(ts: list[Tensor], alpha: float, foreach: bool) -> list[Tensor]:
+    """|t|^alpha (new tensors)."""
+    if foreach:
+        if alpha == 2.0:
+            return torch._foreach_mul(ts, ts)
+        out = torch._foreach_abs(ts)
+        if alpha != 1.0:
+            torch._foreach_pow_(out, alpha)
+        return out
+    if alpha == 2.0:
+        return [t * t for t in ts]
+    return [t.abs() if alpha == 1.0 else t.abs().pow_(alpha) for t in ts]
+
+
+def _root(ts: list[Tensor], alpha: float, foreach: bool) -> list[Tensor]:
+    """t^(1/alpha); the input itself when alpha == 1."""
+    if alpha == 1.0:
+        return ts
+    if foreach:
+        return torch._foreach_sqrt(ts) if alpha == 2.0 else torch._foreach_pow(ts, 1.0 / alpha)
+    return [t.sqrt() if alpha == 2.0 else t.pow(1.0 / alpha) for t in ts]
+
+
+class ACClip(ClipOptimizerBase):
+    r"""Adaptive Coordinate-wise Clipping, thesis §4.5 Alg. 1 (ACClip). Per coordinate, with :math:`g_k` the
+    stochastic gradient:
+
+    .. math::
+        m_k &= \beta_1 m_{k-1} + (1-\beta_1)\, g_k \\
+        \tau_k^\alpha &= \beta_2 \tau_{k-1}^\alpha + (1-\beta_2)\, |g_k|^\alpha \\
+        \hat g_k &= \min\Big\{\frac{\tau_k}{|m_k| + \epsilon}, 1\Big\}\, m_k \\
+        x_k &= x_{k-1} - \eta_k \hat g_k
+
+    i.e. the momentum is clipped coordinate-wise at a threshold that tracks the running
+    :math:`\alpha`-th moment of the gradient (line 4-5 of Alg. 1); no bias correction, as in the algorithm.
+    Defaults are the thesis' BERT settings (§4.6.2): ``lr=1e-4``, ``betas=(0.9, 0.99)``, ``alpha=1``,
+    ``eps=1e-5``, ``weight_decay=1e-5``.
+
+    **Initialisation** :math:`m_0 = 0` (Alg. 1 line 1) and :math:`\tau_0^\alpha = 0`. Alg. 1 initialises only
+    :math:`x` and :math:`m`; we start the moment estimate at zero like the momentum, for two reasons: (i) an
+    estimate seeded with the first gradient (:math:`\tau_0^\alpha = |g_1|^\alpha`) lets a single heavy-tailed
+    outlier at step 1 set the threshold -- and so switch clipping off -- for :math:`\sim 1/(1-\beta_2)` steps,
+    which is exactly the failure clipping is meant to prevent; from zero, a sample enters with weight
+    :math:`1-\beta_2`; (ii) it makes the first :math:`\sim 1/(1-\beta_2)` steps conservative (the threshold
+    grows like :math:`(1-\beta_2^k)^{1/\alpha}` while :math:`|m_k|` grows like :math:`1-\beta_1^k`), a
+    built-in warm-up in line with the warm-up used in the BERT runs.
+
+    **Weight decay** is decoupled (AdamW-style): :math:`x_k = (1 - \eta_k\lambda)\,x_{k-1} - \eta_k \hat g_k`.
+    Coupled L2 (:math:`g_k + \lambda x`) would pass the deterministic decay term through the moment estimate
+    :math:`\tau` and through the clip, so its strength would depend on the noise level and could be clipped
+    away; decoupling keeps the decay rate :math:`\eta\lambda` independent of clipping, as in the AdamW-type
+    optimiser of the BERT setup the thesis compares against.
+
+    Args:
+        params: parameters or param groups.
+        lr: :math:`\eta \ge 0`.
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
+        alpha: moment order :math:`\alpha \in (0, 2]`.
+        eps: :math:`\epsilon > 0` (keeps the ratio finite where :math:`m = 0`).
+        weight_decay: decoupled decay :math:`\lambda \ge 0`.
+        maximize, foreach, nonfinite: as in :class:`ClippedSGD` (``nonfinite``: ``"skip"`` or ``"raise"``).
+
+    State per parameter (float32 for half-precision parameters): ``exp_avg`` (:math:`m`) and ``tau_alpha``
+    (:math:`\tau^\alpha`), plus one scratch buffer (not checkpointed) on the foreach path.
+
+    :attr:`last_stats` (0-d tensors): ``grad_norm`` (raw gradient), ``clip_fraction`` (share of coordinates
+    whose clip factor :math:`\min\{\tau/(|m|+\epsilon), 1\}` is below 1), ``skipped``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        alpha: float = 1.0,
+        eps: float = 1e-5,
+        weight_decay: float = 1e-5,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        check_nonneg(name, "lr", group["lr"])
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{name}: invalid betas={betas!r}; expected a pair (beta1, beta2) in [0, 1)")
+        check_beta(name, "betas[0]", betas[0])
+        check_beta(name, "betas[1]", betas[1])
+        check_interval(name, "alpha", group["alpha"], 0.0, 2.0, low_open=True, high_open=False)
+        check_positive(name, "eps", group["eps"])
+        check_nonneg(name, "weight_decay", group["weight_decay"])
+        check_bool(name, "maximize", group["maximize"])
+        check_bool(name, "foreach", group["foreach"], allow_none=True)
+
+    def _states(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        ms, ts = [], []
+        for p in params:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+                st["tau_alpha"] = torch.zeros_like(
+                    p, dtype=state_dtype(p), memory_format=torch.preserve_format
+                )
+            ms.append(st["exp_avg"])
+            ts.append(st["tau_alpha"])
+        return ms, ts
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimisation step (see the class docstring); returns the closure's loss, if any."""
+        loss = self._closure_loss(closure)
+        collected = [self._collect(group) for group in self.param_groups]
+        norm = total_norm(
+            (grads, self._foreach(group))
+            for group, (_, grads) in zip(self.param_groups, collected, strict=True)
+        )
+        if norm is None or self._check_finite(norm) is None:
+            return loss
+        device = norm.device
+        unclipped: list[Tensor] = []  # per tensor: number of coordinates with clip factor == 1
+        numel = 0
+        for group, (params, grads) in zip(self.param_groups, collected, strict=True):
+            if not params:
+                continue
+            foreach = self._foreach(group)
+            lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            alpha = float(group["alpha"])
+            exp_avgs, tau_alphas = self._states(params)
+            numel += sum(g.numel() for g in grads)
+            if not foreach:
+                for p, g, m, ta in zip(params, grads, exp_avgs, tau_alphas, strict=True):
+                    m.lerp_(g, 1.0 - beta1)
+                    ta.lerp_(_abs_pow([g], alpha, False)[0], 1.0 - beta2)
+                    tau = _root([ta], alpha, False)[0]
+                    ratio = (tau / (m.abs() + eps)).clamp_(max=1.0)
+                    unclipped.append((ratio == 1.0).sum().to(device))
+                    w = working_copies([p])[0]
+                    if wd != 0:
+                        w.mul_(1.0 - lr * wd)
+                    w.addcmul_(ratio, m, value=-lr)
+                    write_back([p], [w], foreach=False)
+                continue
+            scratch = self._scratch(params)
+            for idx in buckets(params):
+                ps, gs, ss = pick(params, idx), pick(grads, idx), pick(scratch, idx)
+                ms, tas = pick(exp_avgs, idx), pick(tau_alphas, idx)
+                torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+                torch._foreach_copy_(ss, gs)  # |g|^alpha, in the scratch buffer
+                torch._foreach_abs_(ss)
+                if alpha == 2.0:
+                    torch._foreach_mul_(ss, ss)
+                elif alpha != 1.0:
+                    torch._foreach_pow_(ss, alpha)
+                torch._foreach_lerp_(tas, ss, 1.0 - beta2)
+                # r = (|m| + eps) / tau clamped below at 1: g_hat = m / r = min{tau / (|m| + eps), 1} m
+                torch._foreach_copy_(ss, ms)
+                torch._foreach_abs_(ss)
+                torch._foreach_add_(ss, eps)
+                torch._foreach_div_(ss, _root(tas, alpha, True))
+                torch._foreach_clamp_min_(ss, 1.0)
+                ws = working_copies(ps)
+                if wd != 0:
+                    torch._foreach_mul_(ws, 1.0 - lr * wd)
+                torch._foreach_addcdiv_(ws, ms, ss, value=-lr)
+                write_back(ps, ws, foreach=True)
+                # 1 / r is in [0, 1]; its floor is 1 exactly where the coordinate is not clipped
+                torch._foreach_reciprocal_(ss)
+                torch._foreach_floor_(ss)
+                unclipped.extend(n.to(device) for n in torch._foreach_norm(ss, 1))
+        norm = norm.detach()
+
+        def build() -> dict[str, Tensor]:  # lazily, on the device, no host sync
+            kept = torch.stack(unclipped).sum().float() if unclipped else torch.zeros((), device=device)
+            return {
+                "grad_norm": norm,
+                "clip_fraction": 1.0 - kept / max(numel, 1),
+                "skipped": torch.zeros((), device=device),
+            }
+
+        self._set_stats(build)
+        self._steps += 1
+        return loss

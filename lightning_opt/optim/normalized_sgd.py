@@ -1,0 +1,148 @@
+"""Normalised (stochastic) gradient descent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_opt.optim._common import (
+    ClipOptimizerBase,
+    check_beta,
+    check_bool,
+    check_nonneg,
+    sgd_update,
+    state_dtype,
+    total_norm,
+)
+
+__all__ = ["NormalizedSGD"]
+
+
+class NormalizedSGD(ClipOptimizerBase):
+    r"""Normalised gradient descent, thesis eq. (3.6):
+
+    .. math:: x_{k+1} = x_k - \frac{\eta}{\lVert g_k\rVert + \beta}\, g_k ,
+
+    with :math:`\lVert g_k\rVert` the 2-norm of the gradient over all parameters of the optimizer (all param
+    groups), :math:`\eta` = ``lr`` and :math:`\beta` = ``beta``. For :math:`\lVert g\rVert \ll \beta` this is
+    SGD with step :math:`\eta/\beta`; for :math:`\lVert g\rVert \gg \beta` a step of length :math:`\eta`. The
+    thesis (§3.3.1) notes it equals GClip up to a factor 2 in the step size (:math:`\gamma\eta_c = \eta_n`,
+    :math:`\eta_c = \eta_n/\beta`).
+
+    Weight decay and momentum (extensions, as in :class:`ClippedSGD`) act on the normalised gradient:
+    :math:`d_k = g_k/(\lVert g_k\rVert+\beta) + \lambda x_k`, :math:`b_k = \mu b_{k-1} + d_k`,
+    :math:`x_{k+1} = x_k - \eta b_k` (``nesterov``: :math:`x_{k+1} = x_k - \eta(d_k + \mu b_k)`). The decay is
+    thus not normalised: its rate :math:`\eta\lambda` does not depend on the gradient norm.
+
+    With ``beta=0`` and a zero gradient the step is zero (no 0/0).
+
+    Args:
+        params: parameters or param groups.
+        lr: step size :math:`\eta \ge 0`.
+        beta: :math:`\beta \ge 0` added to the norm.
+        momentum: heavy-ball coefficient :math:`\mu \in [0, 1)`.
+        weight_decay: L2 coefficient :math:`\lambda \ge 0`.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        maximize, foreach, nonfinite: as in :class:`ClippedSGD` (``nonfinite``: ``"skip"`` or ``"raise"``).
+
+    :attr:`last_stats` (0-d tensors): ``grad_norm`` (raw gradient), ``post_clip_norm``
+    (:math:`\lVert g\rVert/(\lVert g\rVert+\beta)`), ``clip_scale``
+    (:math:`1/(\lVert g\rVert + \beta)`, the factor applied to the gradient before ``lr``), ``skipped``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        beta: float = 1.0,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            beta=beta,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        check_nonneg(name, "lr", group["lr"])
+        check_nonneg(name, "beta", group["beta"])
+        momentum = check_beta(name, "momentum", group["momentum"])
+        check_nonneg(name, "weight_decay", group["weight_decay"])
+        if check_bool(name, "nesterov", group["nesterov"]) and momentum == 0:
+            raise ValueError(
+                f"{name}: invalid nesterov=True with momentum={group['momentum']!r}; "
+                "Nesterov momentum needs momentum in (0, 1)"
+            )
+        check_bool(name, "maximize", group["maximize"])
+        check_bool(name, "foreach", group["foreach"], allow_none=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimisation step (see the class docstring); returns the closure's loss, if any."""
+        loss = self._closure_loss(closure)
+        collected = [self._collect(group) for group in self.param_groups]
+        norm = total_norm(
+            (grads, self._foreach(group))
+            for group, (_, grads) in zip(self.param_groups, collected, strict=True)
+        )
+        norm_value = None if norm is None else self._check_finite(norm)  # the step's one host sync
+        if norm is None or norm_value is None:
+            return loss
+        first_beta: float | None = None
+        for group, (params, grads) in zip(self.param_groups, collected, strict=True):
+            if not params:
+                continue
+            beta = float(group["beta"])
+            first_beta = beta if first_beta is None else first_beta
+            denom = norm_value + beta
+            scale = 1.0 / denom if denom > 0 else 0.0
+            momentum = float(group["momentum"])
+            bufs = None
+            if momentum != 0:
+                bufs = []
+                for p in params:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.zeros_like(
+                            p, dtype=state_dtype(p), memory_format=torch.preserve_format
+                        )
+                    bufs.append(st["momentum_buffer"])
+            sgd_update(
+                params,
+                grads,
+                bufs,
+                lr=float(group["lr"]),
+                scale=scale,
+                weight_decay=float(group["weight_decay"]),
+                momentum=momentum,
+                nesterov=bool(group["nesterov"]),
+                foreach=self._foreach(group),
+            )
+        norm = norm.detach()
+        denom = norm_value + (first_beta or 0.0)
+        clip_scale = 1.0 / denom if denom > 0 else 0.0
+        self._set_stats(
+            lambda: {
+                "grad_norm": norm,
+                "post_clip_norm": norm.float() * clip_scale,
+                "clip_scale": torch.full((), clip_scale, device=norm.device),
+                "skipped": torch.zeros((), device=norm.device),
+            }
+        )
+        self._steps += 1
+        return loss
