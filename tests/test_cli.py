@@ -55,3 +55,16 @@ def test_fit_by_class_path_with_init_args_and_print_config_roundtrip(tmp_path):
     again.write_text(printed)
     out = run_command([*CLI, "fit", "--config", again], timeout=300, env=dist_env()).stdout
     assert "max_steps=6" in out
+
+
+@pytest.mark.parametrize("optimizer,args", [
+    ("ClippedSGD", ["--optimizer.lr=0.1", "--optimizer.max_norm=1.0", "--optimizer.scope=coordinate"]),
+    ("NormalizedSGD", ["--optimizer.lr=0.1", "--optimizer.beta=1.0"]),
+    ("ACClip", ["--optimizer.lr=1e-4"]),
+    ("StochasticINGD", []),
+])
+def test_every_optimizer_selectable_from_the_cli(tmp_path, optimizer, args):
+    cfg = _config(tmp_path, "auto", devices=1)
+    out = run_command([*CLI, "fit", "--config", cfg, "--optimizer", f"lightning_opt.optim.{optimizer}", *args,
+                       "--trainer.max_steps=2"], timeout=200, env=dist_env()).stdout
+    assert "max_steps=2" in out
