@@ -142,3 +142,28 @@ def test_schedules_validate_and_compute():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="`horizon`"):
             ConstantHorizon(bad)
+
+
+def test_gradient_accumulation_manual_optimisation_and_two_optimizers(tmp_path):
+    run_ranks("local_sgd_modes.py", tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    acc = r0["accum"]
+    assert acc["steps"] == {0: 4} and acc["syncs"] == 2
+    equal = [torch.equal(a, b) for a, b in zip(acc["params"], r1["accum"]["params"])]
+    # per batch: equal until the first step (batch 2), synced after batches 4 and 8 and unchanged after batch 5
+    assert equal == [True, False, False, True, True, False, False, True]
+    man = r0["manual"]
+    assert man["steps"] == {0: 6, 1: 3}  # 6 batches: A stepped 6 times, B 3 times
+    assert man["syncs"] == 3 + 1  # A after its steps 2, 4, 6; B after its step 2
+    n = man["n_first"]
+    a0, a1 = man["params"][:, :n], r1["manual"]["params"][:, :n]
+    assert [torch.equal(x, y) for x, y in zip(a0, a1)] == [False, True, False, True, False, True]
+
+
+def test_spawn_variant_runs_and_syncs(tmp_path):
+    from dist import run_script
+
+    run_script("local_sgd_spawn.py", tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == 2 and r0["syncs"] == 2
+    torch.testing.assert_close(r0["params"], r1["params"])  # after the final sync (step 6) ranks agree
