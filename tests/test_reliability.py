@@ -1,0 +1,46 @@
+"""Faults: a SIGKILLed rank makes the survivor fail fast with a clear error; the last checkpoint on disk loads and
+resuming from it reproduces the uninterrupted run."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from dist import SCRIPTS, dist_env, run_ranks
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def test_killed_rank_fails_fast_and_checkpoint_resumes_exactly(tmp_path):
+    env0 = dist_env()
+    procs = []
+    for r in (0, 1):
+        env = dict(env0, LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2", RANK=str(r))
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / "killed_rank.py"), str(tmp_path), "fault"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                      start_new_session=True))
+    try:
+        procs[1].wait(timeout=200)
+        killed_at = time.monotonic()
+        out0, _ = procs[0].communicate(timeout=90)
+        survivor_exit = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == -9
+    assert procs[0].returncode != 0, "the surviving rank should fail, not hang or succeed"
+    assert survivor_exit <= 60, f"survivor took {survivor_exit:.0f}s to fail"
+    assert any(word in out0 for word in ("Connection", "closed", "Gloo", "gloo", "timed out", "peer")), out0[-3000:]
+
+    # epoch 0 and 1 checkpoints were written before the fault (rank 1 died at step 15, in epoch 2)
+    last = tmp_path / "ckpt" / "epoch=1.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["global_step"] == 12 and "lightning_opt" in ckpt
+    assert not list((tmp_path / "ckpt").glob("*.tmp*")), "partial checkpoint left behind"
+
+    run_ranks("killed_rank.py", tmp_path, "resume", last, timeout=300)
+    run_ranks("killed_rank.py", tmp_path, "full", timeout=300)
+    for r in (0, 1):
+        torch.testing.assert_close(torch.load(tmp_path / f"resume_rank{r}.pt"),
+                                   torch.load(tmp_path / f"full_rank{r}.pt"), atol=1e-6, rtol=0)
