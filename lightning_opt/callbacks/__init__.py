@@ -1,5 +1,7 @@
 """Lightning callbacks that log optimisation dynamics to TensorBoard (built on ``lightning_opt.stats``)."""
 
+from lightning_opt.callbacks.grad_norm import GradNormMonitor
+from lightning_opt.callbacks.gradient_noise import GradientNoiseMonitor
 from lightning_opt.callbacks.time_average import TimeAverageMonitor
 
-__all__ = ["TimeAverageMonitor"]
+__all__ = ["GradNormMonitor", "GradientNoiseMonitor", "TimeAverageMonitor"]

@@ -24,11 +24,12 @@ class CharTransformerLM(pl.LightningModule):
     ``loss / ln 2``), and the same for ``test/``.
 
     ``configure_optimizers`` returns ``AdamW(lr, weight_decay)`` (with the default ``weight_decay=0`` this is
-    Adam); the Lightning CLI's ``--optimizer`` replaces it. In the CLI, link the vocabulary from the data:
-    ``link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")``.
+    Adam); the Lightning CLI's ``--optimizer`` replaces it. With ``vocab_size=None`` (the CLI configs) the layers are
+    built in ``configure_model`` from the attached datamodule's ``vocab_size``, so no argument link is needed.
 
     Args:
-        vocab_size: number of distinct tokens, >= 2 (``CharDataModule.vocab_size``).
+        vocab_size: number of distinct tokens, >= 2 (``CharDataModule.vocab_size``); ``None``: read it from the
+            trainer's datamodule in ``configure_model``.
         d_model: embedding width, >= 1 and divisible by ``n_heads``.
         n_layers: transformer blocks, >= 1.
         n_heads: attention heads, >= 1.
@@ -41,7 +42,7 @@ class CharTransformerLM(pl.LightningModule):
 
     def __init__(
         self,
-        vocab_size: int,
+        vocab_size: int | None = None,
         d_model: int = 128,
         n_layers: int = 2,
         n_heads: int = 4,
@@ -52,8 +53,9 @@ class CharTransformerLM(pl.LightningModule):
         tie_weights: bool = True,
     ) -> None:
         super().__init__()
+        checks = [("vocab_size", vocab_size, 2)] if vocab_size is not None else []
         for name, value, low in (
-            ("vocab_size", vocab_size, 2),
+            *checks,
             ("d_model", d_model, 1),
             ("n_layers", n_layers, 1),
             ("n_heads", n_heads, 1),
@@ -71,23 +73,40 @@ class CharTransformerLM(pl.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self.save_hyperparameters()
         self.block_size = block_size
+        if vocab_size is not None:
+            self._build(vocab_size)
+
+    def _build(self, vocab_size: int) -> None:
+        hp = self.hparams
+        d_model = hp.d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(block_size, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.pos_emb = nn.Embedding(hp.block_size, d_model)
+        self.drop = nn.Dropout(hp.dropout)
         layer = nn.TransformerEncoderLayer(
-            d_model, n_heads, dim_feedforward=4 * d_model, dropout=dropout, activation="gelu",
+            d_model, hp.n_heads, dim_feedforward=4 * d_model, dropout=hp.dropout, activation="gelu",
             batch_first=True, norm_first=True,
         )  # fmt: skip
         # enable_nested_tensor=False: the nested-tensor fast path does not apply to pre-norm layers anyway.
-        self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.blocks = nn.TransformerEncoder(layer, hp.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init_weights)
-        if tie_weights:
+        if hp.tie_weights:
             self.head.weight = self.tok_emb.weight
         self.register_buffer(
-            "causal_mask", nn.Transformer.generate_square_subsequent_mask(block_size), persistent=False
+            "causal_mask", nn.Transformer.generate_square_subsequent_mask(hp.block_size), persistent=False
         )
+
+    def configure_model(self) -> None:
+        """Build the layers from the datamodule's vocabulary when ``vocab_size`` was left ``None``."""
+        if hasattr(self, "tok_emb"):
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        vocab = getattr(dm, "vocab_size", None)
+        if vocab is None:
+            raise ValueError("CharTransformerLM(vocab_size=None) needs a datamodule with a `vocab_size` attribute")
+        self.hparams.vocab_size = int(vocab)
+        self._build(int(vocab))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -12,6 +12,11 @@ _EXPORTS = {
     # averages (thesis ch. 6)
     "CesaroAverage": "averages", "WindowedAverage": "averages", "BatchMeansWindow": "averages",
     "batch_means_ci": "averages", "t_critical": "averages",
+    # heavy-tailed noise (thesis ch. 4; Mohammadi et al. / Simsekli et al. 2019; Hill 1975)
+    "tail_index_mohammadi": "tail_index", "tail_index_mohammadi_ci": "tail_index", "tail_index_hill": "tail_index",
+    "tail_index_hill_ci": "tail_index", "TailIndexEstimate": "tail_index", "symmetric_stable": "stable",
+    "bootstrap_interval": "bootstrap", "percentile_interval": "bootstrap",
+    "noise_moments": "noise", "b_simple": "noise", "NoiseMoments": "noise", "NoiseSummary": "noise",
 }
 
 __all__ = sorted(_EXPORTS)
