@@ -29,6 +29,15 @@ class LightningOptCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        # LightningCLI builds `--optimizer` from model.parameters() right after instantiation, before
+        # `configure_model` runs. Models whose shape depends on the data (CharTransformerLM(vocab_size=None)) expose
+        # `attach_datamodule(dm)` so their layers exist by then.
+        attach = getattr(self.model, "attach_datamodule", None)
+        if callable(attach) and self.datamodule is not None:
+            attach(self.datamodule)
+        super()._add_configure_optimizers_method_to_model(subcommand)
+
 
 def main(args: ArgsType = None) -> None:
     """Console-script entry point (``lightning-opt``)."""

@@ -26,3 +26,16 @@ def test_quickstart_trains_and_writes_tensorboard_events(tmp_path):
                  "--trainer.limit_val_batches=2", f"--trainer.default_root_dir={tmp_path}",
                  "--trainer.enable_progress_bar=false"], timeout=300, env=dist_env(), cwd=ROOT)
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_charlm_config_builds_vocab_from_the_datamodule(tmp_path):
+    cfg = ROOT / "examples" / "configs" / "charlm_acclip.yaml"
+    run_command([*CLI, "fit", "--config", cfg, "--trainer.max_steps=3", "--trainer.devices=1",
+                 "--trainer.strategy=auto", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3",
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"],
+                timeout=300, env=dist_env(), cwd=ROOT)
+    (ckpt,) = list(tmp_path.rglob("*.ckpt"))
+    from lightning_opt.examples import CharTransformerLM
+
+    model = CharTransformerLM.load_from_checkpoint(ckpt, map_location="cpu")
+    assert model.hparams.vocab_size > 10

@@ -7,6 +7,7 @@ Adam); small enough to train on a CPU.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -99,10 +100,14 @@ class CharTransformerLM(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Build the layers from the datamodule's vocabulary when ``vocab_size`` was left ``None``."""
+        self.attach_datamodule(self.trainer.datamodule if self._trainer is not None else None)
+
+    def attach_datamodule(self, datamodule: Any) -> None:
+        """Build the layers from ``datamodule.vocab_size`` unless they exist (the CLI calls this before it builds
+        the optimizer from the parameters)."""
         if hasattr(self, "tok_emb"):
             return
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        vocab = getattr(dm, "vocab_size", None)
+        vocab = getattr(datamodule, "vocab_size", None)
         if vocab is None:
             raise ValueError("CharTransformerLM(vocab_size=None) needs a datamodule with a `vocab_size` attribute")
         self.hparams.vocab_size = int(vocab)
