@@ -80,3 +80,21 @@ def test_group_size_must_divide_world():
 
     with pytest.raises(ValueError, match="`group_size`"):
         FourRanks(group_size=3)._resolved_group_size()
+
+
+def test_eval_weights_center_leader_local_and_logged_sync_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_ranks("lsgd_eval.py", tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    center = (r0["center"]["local"] + r1["center"]["local"]) / 2
+    for r in (r0, r1):
+        torch.testing.assert_close(r["center"]["final"], center, atol=1e-7, rtol=0)
+        assert torch.equal(r["leader"]["final"], r1["leader"]["local"])  # rank 1 has the lower loss
+        assert torch.equal(r["local"]["final"], r["local"]["local"])
+    (events,) = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    leaders = [e.value for e in acc.Scalars("lsgd/leader")]
+    assert leaders == [1.0] and acc.Scalars("lsgd/score_spread")[0].value > 0.5
+    assert "comm/bytes" in acc.Tags()["scalars"]

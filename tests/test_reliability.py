@@ -44,3 +44,8 @@ def test_killed_rank_fails_fast_and_checkpoint_resumes_exactly(tmp_path):
     for r in (0, 1):
         torch.testing.assert_close(torch.load(tmp_path / f"resume_rank{r}.pt"),
                                    torch.load(tmp_path / f"full_rank{r}.pt"), atol=1e-6, rtol=0)
+
+    # a different world size resumes from the consensus, with a warning
+    run_ranks("killed_rank.py", tmp_path, "resume1", last, world_size=1, timeout=300)
+    assert "world size 2" in (tmp_path / "resume1_rank0.warnings").read_text()
+    assert torch.isfinite(torch.load(tmp_path / "resume1_rank0.pt")).all()

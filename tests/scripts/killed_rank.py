@@ -1,9 +1,11 @@
 """Rank script: Local SGD with per-epoch checkpoints. mode=fault: rank 1 SIGKILLs itself mid-epoch 3;
-mode=resume: resume from argv[3]; mode=full: uninterrupted. Writes the final parameters."""
+mode=resume / resume1 (another world size): resume from argv[3]; mode=full: uninterrupted.
+Writes the final parameters."""
 
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -27,5 +29,8 @@ ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_epochs=1, save_top_k=-1, fi
 model = TinyModel(opt="sgd", momentum=0.9)
 t = trainer(LocalSGDStrategy(period=4, timeout=20), max_steps=-1, max_epochs=4, callbacks=[Kill(), ckpt],
             enable_checkpointing=True)
-t.fit(model, ckpt_path=sys.argv[3] if mode == "resume" else None)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    t.fit(model, ckpt_path=sys.argv[3] if mode.startswith("resume") else None)
+(out / f"{mode}_rank{rank()}.warnings").write_text("\n".join(str(w.message) for w in caught))
 torch.save(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), out / f"{mode}_rank{rank()}.pt")
