@@ -2,6 +2,7 @@
 
 from lightning_opt.callbacks.grad_norm import GradNormMonitor
 from lightning_opt.callbacks.gradient_noise import GradientNoiseMonitor
+from lightning_opt.callbacks.sharpness import CURVATURE_ATTR, SharpnessMonitor
 from lightning_opt.callbacks.time_average import TimeAverageMonitor
 
-__all__ = ["GradNormMonitor", "GradientNoiseMonitor", "TimeAverageMonitor"]
+__all__ = ["CURVATURE_ATTR", "GradNormMonitor", "GradientNoiseMonitor", "SharpnessMonitor", "TimeAverageMonitor"]

@@ -17,6 +17,11 @@ _EXPORTS = {
     "tail_index_hill_ci": "tail_index", "TailIndexEstimate": "tail_index", "symmetric_stable": "stable",
     "bootstrap_interval": "bootstrap", "percentile_interval": "bootstrap",
     "noise_moments": "noise", "b_simple": "noise", "NoiseMoments": "noise", "NoiseSummary": "noise",
+    # curvature (thesis eq. (6.2), Def. 3.2.1; lecture notes §25.3.5; curvature paper)
+    "lanczos_extreme_eigs": "lanczos", "LanczosResult": "lanczos", "power_iteration": "lanczos",
+    "HessianVectorProduct": "hvp", "flatten_tensors": "hvp", "flat_to_tensors": "hvp",
+    "trainable_named_parameters": "hvp", "L0L1Fit": "smoothness", "clipping_advice": "smoothness",
+    "local_smoothness": "smoothness", "directional_curvature": "smoothness",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,5 +1,6 @@
 """Lightning strategies built on the periodic-synchronisation base (see ``periodic.py``)."""
 
+from lightning_opt.strategies.curvature_period import CurvatureAdaptivePeriod
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
 from lightning_opt.strategies.lookahead import LookaheadStrategy
 from lightning_opt.strategies.lsgd import LSGDStrategy
@@ -11,6 +12,7 @@ STRATEGIES = (LocalSGDStrategy, LSGDStrategy, LookaheadStrategy)
 __all__ = [
     "ConstantHorizon",
     "ConstantPeriod",
+    "CurvatureAdaptivePeriod",
     "LocalSGDStrategy",
     "LSGDStrategy",
     "LookaheadStrategy",

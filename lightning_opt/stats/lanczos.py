@@ -1,0 +1,308 @@
+"""Extreme eigenvalues of a symmetric operator given only as a matrix-vector product (pure torch).
+
+Used for the sharpness ‖∇²L‖_op of thesis eq. (6.2) and the negative curvature L⁻ = max(0, −λ_min) that bounds
+the averaging horizon of Local SGD / Lookahead (curvature paper, Thm 6.7, Cor. 5.4: γτL⁻ = O(1)).
+
+:func:`lanczos_extreme_eigs` is the symmetric Lanczos process with *full* reorthogonalisation (classical
+Gram–Schmidt applied twice against the whole Krylov basis, so the basis stays orthonormal to working precision
+and no spurious "ghost" copies of converged eigenvalues appear). It runs entirely in torch on the device of
+the vectors the matvec consumes (the model's device), keeps only the small tridiagonal matrix on the host in
+float64, and supports warm starts from the Ritz vectors of a previous call (the Hessian changes slowly along a
+trajectory, so the previous extreme Ritz vectors are an excellent start).
+
+Memory: the basis holds ``min(max_iter, dim)`` vectors of length ``dim``.
+
+:func:`power_iteration` is the textbook baseline with the stopping rule PyHessian uses (relative change of the
+Rayleigh quotient below ``tol``); it finds only the eigenvalue of largest magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["LanczosResult", "lanczos_extreme_eigs", "power_iteration"]
+
+_WHICH = ("both", "max", "min")
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool = True,
+                 high_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        rng = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"`{name}` must be a float in {rng}, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class LanczosResult:
+    """What :func:`lanczos_extreme_eigs` found.
+
+    ``err_max`` / ``err_min`` are a-posteriori error estimates of the Ritz values, ``min(r, r²/gap)`` with
+    ``r`` the Ritz residual ‖A y − θ y‖ (for symmetric A some eigenvalue lies within r of θ) and ``gap`` the
+    distance to the neighbouring Ritz value minus that value's residual (Kato–Temple bound with Parlett's
+    conservative gap; when the gap is not yet resolved the estimate falls back to r). ``converged`` refers to
+    the extremes that were requested (``which``).
+    """
+
+    lambda_max: float
+    lambda_min: float
+    vec_max: Tensor
+    vec_min: Tensor
+    n_matvec: int
+    n_iter: int
+    converged: bool
+    converged_max: bool
+    converged_min: bool
+    residual_max: float
+    residual_min: float
+    err_max: float
+    err_min: float
+    ritz_values: Tensor = field(repr=False)
+    breakdowns: int = 0
+
+    @property
+    def ritz_vectors(self) -> Tensor:
+        """``[2, dim]``: the Ritz vectors of λ_max and λ_min (what to pass as ``v0`` for a warm start)."""
+        return torch.stack([self.vec_max, self.vec_min])
+
+
+def _normalise(v: Tensor) -> Tensor | None:
+    n = torch.linalg.vector_norm(v)
+    if not torch.isfinite(n) or n.item() == 0.0:
+        return None
+    return v / n
+
+
+def _random(dim: int, generator: torch.Generator | None, device, dtype) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(dim, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _start_vector(dim: int, v0: Tensor | None, warm_noise: float, generator, device, dtype) -> Tensor:
+    noise = _random(dim, generator, device, dtype)
+    if v0 is None:
+        return _normalise(noise)
+    rows = v0.detach().to(device=device, dtype=dtype).reshape(-1, dim)
+    q = torch.zeros(dim, device=device, dtype=dtype)
+    for row in rows:
+        r = _normalise(row)
+        if r is not None:
+            q = q + r
+    q = _normalise(q)
+    if q is None:  # unusable warm start: fall back to a random vector
+        return _normalise(noise)
+    if warm_noise > 0:
+        q = _normalise(q + warm_noise * _normalise(noise))
+    return q
+
+
+def lanczos_extreme_eigs(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    which: str = "both",
+    v0: Tensor | None = None,
+    warm_noise: float = 0.1,
+    min_iter: int = 2,
+    floor: float = 1e-4,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+    stop_reducer: Callable[[bool], bool] | None = None,
+) -> LanczosResult:
+    """λ_max and λ_min of the symmetric operator ``matvec`` on ``R^dim`` by Lanczos with full
+    reorthogonalisation.
+
+    Args:
+        matvec: ``v ↦ A v`` for a symmetric A (e.g. :class:`~lightning_opt.stats.hvp.HessianVectorProduct`);
+            receives and must return a 1-D tensor of length ``dim``.
+        dim: dimension of the space (number of trainable parameters for a Hessian).
+        max_iter: most Lanczos steps (= matvecs); capped at ``dim``. Also the number of stored basis vectors.
+        tol: relative accuracy of the requested extreme eigenvalues: stop once, for each requested extreme,
+            the error estimate ``min(r, r²/gap)`` is ≤ ``tol·max(|θ|, floor·max|θ|)`` *and* θ moved by at most
+            that much since the previous step.
+        which: ``"both"`` (default), ``"max"`` or ``"min"`` — which extremes must converge before stopping
+            (both are always returned).
+        v0: warm start: a vector ``[dim]`` or the previous Ritz vectors ``[k, dim]`` (e.g.
+            ``LanczosResult.ritz_vectors``); the start is their normalised sum plus ``warm_noise`` of a random
+            unit vector (so that the Krylov space is not trapped in the old invariant subspace).
+        warm_noise: weight of the random component added to a warm start, in [0, 1].
+        min_iter: do not stop before this many steps.
+        floor: eigenvalues below ``floor·max|θ|`` in magnitude are judged on that absolute scale (so an
+            exactly zero λ_min can converge).
+        device, dtype: of the Krylov basis; default: those of ``v0``, else CPU /
+            ``torch.get_default_dtype()``.
+        generator: RNG for the random start / noise (the global RNG is never touched when one is given).
+        stop_reducer: optional reduction of the local stop decision, e.g. an all-reduce so that every rank of
+            a distributed matvec stops at the same step (must return the same bool on every rank).
+
+    Returns:
+        :class:`LanczosResult` with both extremes, their Ritz vectors (unit norm), the matvec count and
+        convergence information.
+
+    Breakdown (β≈0, an invariant subspace was found) continues from a fresh random vector orthogonal to the
+    basis, so the returned extremes are those of the whole space up to ``dim`` steps.
+    """
+    _check_int("dim", dim, 1)
+    _check_int("max_iter", max_iter, 1)
+    _check_float("tol", tol, 0.0, 1.0)
+    if which not in _WHICH:
+        raise ValueError(f"`which` must be one of {_WHICH}, got {which!r}")
+    _check_float("warm_noise", warm_noise, 0.0, 1.0, low_open=False, high_open=False)
+    _check_int("min_iter", min_iter, 1)
+    _check_float("floor", floor, 0.0, 1.0, low_open=False)
+    if v0 is not None:
+        if not isinstance(v0, Tensor) or v0.numel() % dim != 0 or v0.numel() == 0:
+            raise ValueError(f"`v0` must be a tensor of shape [dim] or [k, dim] with dim={dim}, got "
+                             f"{getattr(v0, 'shape', v0)!r}")
+        device = v0.device if device is None else device
+        dtype = v0.dtype if dtype is None else dtype
+    device = torch.device("cpu") if device is None else torch.device(device)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+
+    m = min(max_iter, dim)
+    basis = torch.empty(m, dim, device=device, dtype=dtype)
+    alphas: list[float] = []
+    betas: list[float] = []  # betas[j] couples q_j and q_{j+1}
+    q = _start_vector(dim, v0, warm_noise, generator, device, dtype)
+    n_matvec = 0
+    breakdowns = 0
+    prev = (math.nan, math.nan)
+    state = None
+    for j in range(m):
+        basis[j] = q
+        w = matvec(q).detach().reshape(-1).to(dtype)
+        n_matvec += 1
+        if not torch.isfinite(w).all():
+            raise FloatingPointError(f"matvec returned non-finite values at Lanczos step {j}")
+        alphas.append(float(torch.dot(q, w)))
+        view = basis[: j + 1]
+        for _ in range(2):  # CGS2: full reorthogonalisation against the whole basis
+            w = w - view.T @ (view @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        k = j + 1
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if k > 1:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, s = torch.linalg.eigh(t)
+        scale_all = float(theta.abs().max())
+        res = (beta * s[-1, :].abs()).tolist()
+        idx = {"max": k - 1, "min": 0}
+        errs, conv = {}, {}
+        for name, i in idx.items():
+            gap = math.inf
+            if k > 1:  # Parlett's conservative gap: the neighbour Ritz value is known within its residual
+                nb = i - 1 if name == "max" else 1
+                gap = abs(float(theta[i] - theta[nb])) - res[nb]
+            r = res[i]
+            err = min(r, r * r / gap) if gap > 0 else r
+            target = tol * max(abs(float(theta[i])), floor * scale_all)
+            moved = abs(float(theta[i]) - (prev[0] if name == "max" else prev[1]))
+            errs[name] = err
+            conv[name] = k >= min_iter and err <= target and moved <= target
+        prev = (float(theta[-1]), float(theta[0]))
+        state = (theta, s, k, res, errs, conv)
+        done = (conv["max"] and conv["min"]) if which == "both" else conv[which]
+        if k == dim:
+            done = True
+        if stop_reducer is not None:
+            done = bool(stop_reducer(done))
+        if done or k == m:
+            break
+        breakdown = beta <= 1e-10 * max(scale_all, 1e-30) or beta == 0.0
+        if breakdown:
+            breakdowns += 1
+            fresh = None
+            for _ in range(3):
+                r = _random(dim, generator, device, dtype)
+                for _ in range(2):
+                    r = r - view.T @ (view @ r)
+                fresh = _normalise(r)
+                if fresh is not None:
+                    break
+            if fresh is None:
+                break
+            betas.append(0.0)
+            q = fresh
+        else:
+            betas.append(beta)
+            q = w / beta
+
+    theta, s, k, res, errs, conv = state
+    view = basis[:k]
+    s_dev = s.to(device=device, dtype=dtype)
+    vmax = view.T @ s_dev[:, -1]
+    vmin = view.T @ s_dev[:, 0]
+    vmax = vmax / torch.linalg.vector_norm(vmax).clamp_min(1e-30)
+    vmin = vmin / torch.linalg.vector_norm(vmin).clamp_min(1e-30)
+    if k == dim and breakdowns == 0:  # full space: the Ritz values are the eigenvalues
+        conv = {"max": True, "min": True}
+    converged = (conv["max"] and conv["min"]) if which == "both" else conv[which]
+    return LanczosResult(
+        lambda_max=float(theta[-1]), lambda_min=float(theta[0]), vec_max=vmax, vec_min=vmin,
+        n_matvec=n_matvec,
+        n_iter=k, converged=bool(converged), converged_max=bool(conv["max"]), converged_min=bool(conv["min"]),
+        residual_max=float(res[-1]), residual_min=float(res[0]), err_max=float(errs["max"]),
+        err_min=float(errs["min"]), ritz_values=theta, breakdowns=breakdowns,
+    )
+
+
+def power_iteration(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    v0: Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[float, Tensor, int]:
+    """Power iteration for the eigenvalue of largest magnitude, stopping when the Rayleigh quotient changes by
+    less than ``tol`` relative (``|λ_k − λ_{k−1}| / (|λ_{k−1}| + 1e-6) < tol``, PyHessian's rule).
+
+    Returns ``(eigenvalue, unit eigenvector estimate, number of matvecs)``. A baseline for
+    :func:`lanczos_extreme_eigs`; the stopping rule measures progress, not error, so it can stop early on a
+    slowly converging spectrum.
+    """
+    _check_int("dim", dim, 1)
+    _check_int("max_iter", max_iter, 1)
+    _check_float("tol", tol, 0.0, 1.0)
+    if v0 is not None:
+        device = v0.device if device is None else device
+        dtype = v0.dtype if dtype is None else dtype
+    device = torch.device("cpu") if device is None else torch.device(device)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    v = _start_vector(dim, v0, 0.0, generator, device, dtype)
+    eig = None
+    n = 0
+    for _ in range(max_iter):
+        w = matvec(v).detach().reshape(-1).to(dtype)
+        n += 1
+        new = float(torch.dot(v, w))
+        nv = _normalise(w)
+        if nv is None:
+            return new, v, n
+        v = nv
+        if eig is not None and abs(new - eig) / (abs(eig) + 1e-6) < tol:
+            eig = new
+            break
+        eig = new
+    return float(eig), v, n
