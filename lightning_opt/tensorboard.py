@@ -42,7 +42,10 @@ def dashboard_layout() -> Layout:
         },
         "Time averages": {
             "Cesàro averages": ["Multiline", [r"time_avg/.*"]],
-            "per-step gain": ["Margin", ["time_avg/gain", "time_avg/gain_lo", "time_avg/gain_hi"]],
+            # Multiline, not Margin: the interval is only logged once its window has enough gain samples, and a
+            # Margin chart refuses tags whose steps differ.
+            "per-step gain": ["Multiline", ["time_avg/gain", "time_avg/gain_lo", "time_avg/gain_hi",
+                                            "window_avg/gain"]],
             "plateau": ["Multiline", [r"plateau/.*"]],
         },
         "Communication": {
