@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from lightning_opt import testing
-from lightning_opt.testing import free_port, run_command
+from lightning_opt.testing import free_port
 
 SCRIPTS = Path(__file__).parent / "scripts"
 __all__ = ["dist_env", "free_port", "run_command", "run_ranks", "run_script"]
@@ -20,6 +20,10 @@ def dist_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = testing.dist_env(extra)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     return env
+
+
+def run_command(cmd, *, timeout: float = 180, env: dict | None = None, cwd=None):
+    return testing.run_command(cmd, timeout=timeout, env=env or dist_env(), cwd=cwd)
 
 
 def run_script(script: str, *args, timeout: float = 180, env: dict | None = None):
