@@ -167,3 +167,17 @@ def test_spawn_variant_runs_and_syncs(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == 2 and r0["syncs"] == 2
     torch.testing.assert_close(r0["params"], r1["params"])  # after the final sync (step 6) ranks agree
+
+
+def test_curvature_adaptive_period_follows_published_lambda_min(tmp_path):
+    run_ranks("curvature_period.py", tmp_path, timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["log"] == r1["log"]  # every rank chooses the same period
+    first_step, first_period, first_info = r0["log"][0]
+    assert first_step == 0 and first_period == 2 and first_info is None  # default before any measurement
+    measured = [(p, info) for _, p, info in r0["log"][1:] if info is not None]
+    assert measured, "SharpnessMonitor never published a curvature"
+    for period, info in measured:
+        l_minus = max(0.0, -info["lambda_min"])
+        expected = 40 if l_minus == 0 else min(40, max(1, int(0.5 / (0.05 * l_minus))))
+        assert period == expected
