@@ -83,6 +83,14 @@ def test_outer_optimizer_matches_hand_written_reference(basic):
     torch.testing.assert_close(basic[1]["outer"]["final"], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_bytes_per_step_are_ddp_over_period(basic):
+    comm = basic[0]["tau4_nobuf"]["comm"]
+    # 3 syncs in 12 steps; each moves the parameters once plus a few bytes of flags and the integer BN counter
+    ratio = comm["comm/bytes"] / (comm["comm/ddp_bytes"] / 4)
+    assert 1.0 <= ratio < 1.05, ratio
+    assert comm["comm/syncs"] == 3 and comm["comm/eval_bytes"] == 0  # in sync at the end: no consensus traffic
+
+
 def test_constant_horizon_stretches_period_when_lr_drops(basic):
     h = basic[0]["horizon"]
     p0, p1 = h["params"], basic[1]["horizon"]["params"]

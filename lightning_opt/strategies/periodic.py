@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -290,6 +291,17 @@ class PeriodicSyncStrategy(DDPStrategy):
         means = iter(self._world_mean(floats, "weights", self._steps.get(0, 0)))
         return [next(means).to(t.dtype) if t.is_floating_point() else t.clone() for t in tensors]
 
+    @contextmanager
+    def _eval_accounting(self) -> Iterator[None]:
+        """Bytes moved to build consensus weights for evaluation / checkpoints are not training communication:
+        book them under ``comm/eval_bytes`` so ``comm/bytes`` compares with DDP's gradient traffic."""
+        bytes_before, calls_before, seconds_before = self.meter.bytes, self.meter.calls, self.meter.seconds
+        try:
+            yield
+        finally:
+            self.meter.extra["eval_bytes"] = self.meter.extra.get("eval_bytes", 0) + self.meter.bytes - bytes_before
+            self.meter.bytes, self.meter.calls, self.meter.seconds = bytes_before, calls_before, seconds_before
+
     def _fitting(self) -> bool:
         trainer = getattr(self.lightning_module, "_trainer", None)
         return trainer is not None and trainer.state.fn == TrainerFn.FITTING
@@ -298,7 +310,8 @@ class PeriodicSyncStrategy(DDPStrategy):
         if self._in_sync or self._stash is not None or self.lightning_module is None:
             return
         tensors = self._module_tensors()
-        consensus = self._consensus()
+        with self._eval_accounting():
+            consensus = self._consensus()
         self._stash = [t.detach().clone() for t in tensors]
         with torch.no_grad():
             torch._foreach_copy_(tensors, consensus)
@@ -333,7 +346,9 @@ class PeriodicSyncStrategy(DDPStrategy):
         if self._in_sync or not self._fitting():
             return state
         names = {id(t): n for n, t in _named_tensors(self.lightning_module)}
-        for t, c in zip(self._module_tensors(), self._consensus()):
+        with self._eval_accounting():
+            consensus = self._consensus()
+        for t, c in zip(self._module_tensors(), consensus):
             name = names.get(id(t))
             if name in state:
                 state[name] = c
@@ -433,6 +448,7 @@ class PeriodicSyncStrategy(DDPStrategy):
             "comm/syncs": float(self.meter.syncs),
             "comm/sync_seconds": float(self.meter.extra.get("sync_seconds", 0.0)),
             "comm/ddp_bytes": float(self.meter.extra.get("ddp_bytes", 0.0)),
+            "comm/eval_bytes": float(self.meter.extra.get("eval_bytes", 0.0)),
             "comm/period": float(self._period_now.get(0, 0)),
         }
 

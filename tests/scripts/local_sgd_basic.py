@@ -20,7 +20,8 @@ def fit(name, strategy, max_steps=12, **model_kw):
     model, rec = TinyModel(**model_kw), Recorder()
     trainer(strategy, max_steps=max_steps, callbacks=[rec]).fit(model)
     results[name] = {"params": torch.stack(rec.params), "bn": torch.stack(rec.bn),
-                     "final": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+                     "final": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                     "comm": getattr(strategy, "comm_stats", None)}
     return model
 
 
