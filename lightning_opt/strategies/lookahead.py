@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_opt.distributed import broadcast_flat, is_dist, nonfinite_ranks
 from lightning_opt.strategies._validate import check_choice, check_float
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
+from lightning_opt.strategies.periodic import NonFiniteError
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 _SLOW_MOMENTUM = "lookahead_slow_momentum"
@@ -63,6 +66,10 @@ class LookaheadStrategy(LocalSGDStrategy):
         self.alpha = check_float("alpha", alpha, 0.0, 1.0, low_open=True)
         self.mode = check_choice("mode", mode, ("sync", "local"))
         self.pullback_momentum = check_choice("pullback_momentum", pullback_momentum, ("none", "reset", "pullback"))
+        if isinstance(momentum_keys, str):
+            momentum_keys = (momentum_keys,)
+        if not momentum_keys or not all(isinstance(k, str) and k for k in momentum_keys):
+            raise ValueError(f"`momentum_keys` must be a non-empty sequence of state keys, got {momentum_keys!r}")
         self.momentum_keys = tuple(momentum_keys)
         super().__init__(period=period, warmup_steps=warmup_steps, average_buffers=average_buffers, outer_lr=alpha,
                          nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb, timeout=timeout,
@@ -78,7 +85,7 @@ class LookaheadStrategy(LocalSGDStrategy):
         if self.mode == "local":
             fast = self._world_mean(params, "parameters", step)
         else:
-            self._check_finite(params, step)
+            self._agree_finite(params, step)
             fast = [p.detach() for p in params]
         slow = self._outer_step(idx, fast)
         with torch.no_grad():
@@ -87,13 +94,30 @@ class LookaheadStrategy(LocalSGDStrategy):
         if idx == 0 and self.mode == "local":
             self._average_buffers_now(step)
 
-    def _check_finite(self, params: list[Tensor], step: int) -> None:
-        # Sync mode: fast weights are identical on every rank, so a non-finite value is everyone's; never let it
-        # into the slow weights.
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            from lightning_opt.strategies.periodic import NonFiniteError
+    def _agree_finite(self, params: list[Tensor], step: int) -> None:
+        """Sync mode keeps the fast weights identical, so a sync needs no parameter collective; one tiny
+        all-reduce of non-finite flags still makes every rank take the same decision: ``raise`` names the ranks
+        on all of them, ``drop`` copies a healthy rank's weights (and buffers) over the bad ranks."""
+        local_bad = not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        bad = nonfinite_ranks(local_bad, params[0].device) if is_dist() else ([0] if local_bad else [])
+        if not bad:
+            return
+        if self.nonfinite == "raise" or len(bad) == self.world:
+            raise NonFiniteError(f"non-finite fast weights on rank(s) {bad} at optimizer step {step}; slow weights "
+                                 "left untouched")
+        source = min(set(range(self.world)) - set(bad))
+        if local_bad:
+            warnings.warn(f"rank {self.rank}: non-finite fast weights at optimizer step {step}; reset to rank "
+                          f"{source}'s weights and optimizer state", stacklevel=2)
+        # Same optimizer, same steps: the state has the same layout on every rank, so it can be broadcast too,
+        # which keeps the ranks identical afterwards.
+        state = [t for opt in self.optimizers for p in self._all_params(opt)
+                 for _, t in sorted(opt.state.get(p, {}).items()) if isinstance(t, Tensor) and t.numel() > 0]
+        broadcast_flat(list(params) + list(self.lightning_module.buffers()) + state, src=source, meter=self.meter)
 
-            raise NonFiniteError(f"non-finite fast weights at optimizer step {step}; slow weights left untouched")
+    @staticmethod
+    def _all_params(opt: Any) -> list[Tensor]:
+        return [p for group in opt.param_groups for p in group["params"]]
 
     def _handle_momentum(self, idx: int) -> None:
         if self.pullback_momentum == "none":

@@ -250,7 +250,12 @@ class PeriodicSyncStrategy(DDPStrategy):
         good = self.world - len(bad)
         if good == 0:
             raise NonFiniteError(f"non-finite {what} on every rank at optimizer step {step}")
-        if local_bad:
+        if local_bad and what == "gradients":
+            # Only the gradient is replaced (by the healthy ranks' average): weights and optimizer state stay
+            # identical to the other ranks', so nothing else needs resetting.
+            warnings.warn(f"rank {self.rank}: non-finite {what} at optimizer step {step}; excluded from the "
+                          "average (this rank steps with the healthy ranks' mean gradient)", stacklevel=2)
+        elif local_bad:
             warnings.warn(f"rank {self.rank}: non-finite {what} at optimizer step {step}; excluded from the "
                           "average and reset to the consensus (its optimizer state is cleared)", stacklevel=2)
             self._on_dropped()
@@ -361,6 +366,9 @@ class PeriodicSyncStrategy(DDPStrategy):
             "module": {n: t.detach().cpu().clone() for n, t in _named_tensors(self.lightning_module)},
             "optimizer_states": _to_cpu(checkpoint.get("optimizer_states")),
             "strategy_local": _to_cpu(self._local_state_dict()),
+            # Lightning saves rank 0's callback states only; per-rank accumulators (e.g. each rank's own loss
+            # averages) would otherwise restart from rank 0's values on the other ranks.
+            "callbacks": _to_cpu(checkpoint.get("callbacks")),
         }
         if is_dist():
             ranks: list[Any] = [None] * self.world
@@ -373,13 +381,18 @@ class PeriodicSyncStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self._restored = checkpoint.get(_CKPT_KEY)
+        entry = self._local_entry(warn=False)
+        if entry is not None and entry.get("callbacks") is not None:
+            checkpoint["callbacks"] = entry["callbacks"]
         return checkpoint
 
-    def _local_entry(self) -> dict[str, Any] | None:
+    def _local_entry(self, warn: bool = True) -> dict[str, Any] | None:
         saved = self._restored
         if saved is None or not self._fitting():
             return None
         if saved["world_size"] != self.world:
+            if not warn:
+                return None
             warnings.warn(
                 f"checkpoint was written with world size {saved['world_size']}, resuming with {self.world}: every "
                 "rank restarts from the consensus weights and rank 0's optimizer state", stacklevel=2)

@@ -1,0 +1,168 @@
+"""EASGD: elastic averaging SGD (synchronous form), a baseline for LSGD."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.distributed import is_dist, write_back
+from lightning_opt.strategies._validate import check_float
+from lightning_opt.strategies.periodic import PeriodicSyncStrategy
+from lightning_opt.strategies.schedules import PeriodSchedule
+
+
+class EASGDStrategy(PeriodicSyncStrategy):
+    r"""Elastic averaging SGD, synchronous form (Zhang, Choromanska & LeCun, "Deep learning with elastic averaging
+    SGD", NIPS 2015, eq. (5)–(6); with a communication period τ as in their Alg. 1).
+
+    Each of N workers takes ``period`` (τ) local optimizer steps; then, with the elastic coefficient
+    :math:`\alpha = \beta / N` (β the *moving rate*) and the centre variable :math:`\tilde x` shared by all ranks,
+
+    .. math:: x_i \leftarrow x_i - \alpha (x_i - \tilde x), \qquad
+              \tilde x \leftarrow \tilde x + \alpha \sum_{i=1}^{N} (x_i - \tilde x),
+
+    both right-hand sides using the pre-update :math:`x_i` and :math:`\tilde x`. The centre therefore moves a
+    fraction β of the way to the workers' mean, :math:`\tilde x \leftarrow (1-\beta)\tilde x + \beta \bar x`.
+    The default β = 0.43 is the EASGD paper's setting, also used for the EASGD baseline of the LSGD paper
+    (Teng et al. 2019, §4 and Suppl. Table 2). The EASGD objective's stationary points need not be stationary
+    points of f (LSGD paper, Prop. 8) — the reason :class:`~lightning_opt.strategies.lsgd.LSGDStrategy` exists.
+
+    Communication per sync: one all-reduce of the workers' parameters (flat buckets) plus the tiny non-finite
+    flag vector. The centre is kept in fp32 (or the parameter dtype if wider), is identical on every rank (all
+    ranks apply the same update to the same summed values), and is saved once in the checkpoint. It starts at the
+    workers' mean at the first post-warmup step (which is :math:`x_0`, since all ranks start from rank 0's weights,
+    or the weights at the end of ``warmup_steps``). Floating-point buffers are not elastic: they are averaged at
+    each sync (if ``average_buffers``), integer buffers taken from rank 0.
+
+    Evaluation, ``fit``'s final weights and saved ``state_dict`` use the centre :math:`\tilde x` (buffers: their
+    world mean); training continues from the local weights. Exact resume covers the centre, counters and every
+    rank's weights and optimizer state.
+
+    Args:
+        period: optimizer steps between elastic updates (int ≥ 1) or a
+            :class:`~lightning_opt.strategies.schedules.PeriodSchedule`.
+        beta: moving rate β ∈ (0, 1]; the elastic coefficient is α = β / N for world size N.
+        warmup_steps: steps with per-step gradient averaging (DDP-equivalent) before local steps start.
+        average_buffers: average floating-point buffers at a sync.
+        nonfinite: ``"raise"`` (default): non-finite parameters on any rank at a sync raise
+            :class:`~lightning_opt.strategies.periodic.NonFiniteError` on every rank and the centre is left
+            untouched; ``"drop"``: such ranks are left out of the centre update, reset to the (updated) centre and
+            their optimizer state is cleared.
+        bucket_cap_mb, timeout, start_method: as for :class:`~lightning_opt.strategies.LocalSGDStrategy`.
+    """
+
+    strategy_name = "easgd"
+
+    def __init__(
+        self,
+        period: int | PeriodSchedule = 1,
+        beta: float = 0.43,
+        warmup_steps: int = 0,
+        average_buffers: bool = True,
+        nonfinite: str = "raise",
+        bucket_cap_mb: float = 25.0,
+        timeout: float = 1800.0,
+        start_method: str = "popen",
+        **kwargs: Any,
+    ) -> None:
+        self.beta = check_float("beta", beta, 0.0, 1.0, low_open=True)
+        super().__init__(period=period, warmup_steps=warmup_steps, average_buffers=average_buffers,
+                         nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb, timeout=timeout,
+                         start_method=start_method, **kwargs)
+        self._center: dict[int, list[Tensor]] = {}
+        self.last_center_step_norm: float | None = None
+
+    @property
+    def alpha(self) -> float:
+        """The elastic coefficient α = β / N (N the current world size)."""
+        return self.beta / self.world
+
+    # ------------------------------------------------------------------ centre
+    def _before_local_step(self, idx: int, step: int) -> None:
+        if idx not in self._center:
+            # A collective, reached by every rank at the same step; equal to x_0 when ranks start identical.
+            params = self._opt_params(idx)
+            means = self._world_mean(params, "parameters", step)
+            self._center[idx] = [m.to(_wide_dtype(p.dtype)).clone() for m, p in zip(means, params)]
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._center:
+            # Unlike averaging, an elastic sync leaves the workers apart from the centre: the module never holds
+            # the consensus weights during the local phase, so evaluation and checkpoints must swap them in.
+            self._in_sync = False
+        return output
+
+    # ------------------------------------------------------------------ sync
+    def _sync(self, idx: int, step: int) -> None:
+        params = self._opt_params(idx)
+        center = self._center[idx]
+        x = [p.detach().to(c.dtype) for p, c in zip(params, center)]
+        alpha = self.alpha
+        if is_dist():
+            good, buckets, _ = self._reduce_with_flags(params, "parameters", step)
+            sums = [torch.empty_like(c) for c in center]
+            write_back(buckets, sums)
+            local_bad = not bool(torch.stack([torch.isfinite(t).all() for t in x]).all())
+        else:
+            good, sums, local_bad = 1, [t.clone() for t in x], False
+        # Σ_i (x_i − x̃) over the contributing ranks, with the pre-update centre
+        center_move = torch._foreach_sub(sums, torch._foreach_mul(center, float(good)))
+        torch._foreach_mul_(center_move, alpha)
+        new_x = None
+        if not local_bad:
+            # x_i ← x_i − α (x_i − x̃)
+            new_x = torch._foreach_add(x, torch._foreach_sub(x, center), alpha=-alpha)
+        # x̃ ← x̃ + α Σ_i (x_i − x̃)
+        torch._foreach_add_(center, center_move)
+        with torch.no_grad():
+            torch._foreach_copy_(params, center if new_x is None else new_x)
+        if idx == 0:
+            self._average_buffers_now(step)
+            self._log_sync(step, center_move)
+
+    def _log_sync(self, step: int, center_move: list[Tensor]) -> None:
+        self.last_center_step_norm = float(torch.stack(torch._foreach_norm(center_move)).norm())
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None and self.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"easgd/center_step_norm": self.last_center_step_norm, **self.comm_stats},
+                                   step=step)
+
+    # ------------------------------------------------------------------ consensus
+    def _consensus(self) -> list[Tensor]:
+        """The centre for the parameters it covers; float buffers: world mean; integer buffers: local."""
+        by_id = {id(p): c for idx, centers in self._center.items()
+                 for p, c in zip(self._opt_params(idx), centers)}
+        tensors = self._module_tensors()
+        rest = [t for t in tensors if id(t) not in by_id and t.is_floating_point()]
+        means = iter(self._world_mean(rest, "weights", self._steps.get(0, 0)) if rest else [])
+        out = []
+        for t in tensors:
+            if id(t) in by_id:
+                out.append(by_id[id(t)].to(t.dtype))
+            elif t.is_floating_point():
+                out.append(next(means).to(t.dtype))
+            else:
+                out.append(t.detach().clone())
+        return out
+
+    # ------------------------------------------------------------------ state
+    def _extra_state_dict(self) -> dict[str, Any]:
+        return {"center": {k: [c.detach().cpu().clone() for c in v] for k, v in self._center.items()}}
+
+    def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.root_device
+        self._center = {int(k): [c.to(device) for c in v] for k, v in state.get("center", {}).items()}
+
+    def __repr__(self) -> str:
+        return (f"EASGDStrategy(period={self.schedule!r}, beta={self.beta}, warmup_steps={self.warmup_steps}, "
+                f"nonfinite={self.nonfinite!r})")
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or the parameter dtype if wider (fp64)."""
+    return torch.promote_types(dtype, torch.float32)

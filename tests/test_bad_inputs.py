@@ -1,0 +1,286 @@
+"""Bad-input sweep (issue 13): every public constructor rejects invalid values with a ``ValueError`` whose message
+names the argument.
+
+The public classes are discovered from the ``__all__`` of ``lightning_opt.strategies``, ``lightning_opt.optim``,
+``lightning_opt.callbacks`` and ``lightning_opt.examples`` (plus ``lightning_opt.tensorboard.DashboardCallback``):
+a new class fails ``test_every_public_class_has_an_entry`` until it gets rows in ``CASES`` (or a reason in
+``EXEMPT``), and a new constructor argument fails ``test_every_constructor_argument_is_covered`` until it gets a
+row (or a reason in ``UNCHECKED``). Rows for classes that are not public (yet) are ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import pytest
+import torch
+
+import lightning_opt.callbacks
+import lightning_opt.examples
+import lightning_opt.optim
+import lightning_opt.strategies
+import lightning_opt.tensorboard
+
+pytestmark = pytest.mark.timeout(400)
+
+NAN, INF = math.nan, math.inf
+MODULES = (lightning_opt.strategies, lightning_opt.optim, lightning_opt.callbacks, lightning_opt.examples)
+
+
+def _public_classes() -> dict[str, type]:
+    found = {name: getattr(m, name) for m in MODULES for name in m.__all__ if inspect.isclass(getattr(m, name))}
+    found["DashboardCallback"] = lightning_opt.tensorboard.DashboardCallback
+    return found
+
+
+PUBLIC = _public_classes()
+
+EXEMPT = {
+    "NonFiniteError": "an exception raised by the strategies, not configured by users",
+    "NonFiniteGradientError": "an exception raised by the optimizers, not configured by users",
+    "PeriodSchedule": "abstract base of the period schedules; takes no arguments",
+}
+
+# Arguments that accept any value by design (checked neither here nor by the constructor).
+_LIGHTNING_PLUMBING = {a: "Lightning plumbing, validated by DDPStrategy / the Trainer" for a in (
+    "accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin",
+    "process_group_backend")}
+UNCHECKED: dict[str, dict[str, str]] = {
+    "PeriodicSyncStrategy": _LIGHTNING_PLUMBING,
+    "DigitsDataModule": {"data_dir": "any path; only read when dataset='cifar10'"},
+    "CharDataModule": {"text_path": "a path (None: the standard library's sources); missing files raise OSError"},
+    "ImageClassifier": {"pretrained": "not exercised: a non-bool truthy value makes timm try to download weights "
+                                      "(see the report of issue 13)"},
+}
+
+_STRATEGY_COMMON = [
+    ({"period": 0}, "period"), ({"period": 2.5}, "period"), ({"period": "4"}, "period"), ({"period": True}, "period"),
+    ({"warmup_steps": -1}, "warmup_steps"), ({"warmup_steps": 1.5}, "warmup_steps"),
+    ({"nonfinite": "ignore"}, "nonfinite"), ({"nonfinite": None}, "nonfinite"),
+    ({"bucket_cap_mb": 0}, "bucket_cap_mb"), ({"bucket_cap_mb": NAN}, "bucket_cap_mb"),
+    ({"timeout": 0}, "timeout"), ({"timeout": -5.0}, "timeout"), ({"timeout": NAN}, "timeout"),
+    ({"timeout": "60"}, "timeout"), ({"start_method": "thread"}, "start_method"),
+]
+_AVERAGE_BUFFERS = [({"average_buffers": "yes"}, "average_buffers"), ({"average_buffers": 1}, "average_buffers")]
+_OPTIM_COMMON = [
+    ({"lr": -0.1}, "lr"), ({"lr": NAN}, "lr"), ({"lr": INF}, "lr"), ({"lr": "0.1"}, "lr"),
+    ({"weight_decay": -1.0}, "weight_decay"), ({"maximize": "no"}, "maximize"), ({"foreach": "yes"}, "foreach"),
+    ({"nonfinite": "ignore"}, "nonfinite"),
+]
+
+TABLE: dict[str, list[tuple[dict, str]]] = {
+    # ---------------------------------------------------------------- strategies and schedules
+    "PeriodicSyncStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS,
+    "LocalSGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
+        ({"outer_lr": 0.0}, "outer_lr"), ({"outer_lr": -1.0}, "outer_lr"), ({"outer_lr": NAN}, "outer_lr"),
+        ({"outer_lr": INF}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
+        ({"outer_momentum": -0.1}, "outer_momentum"), ({"outer_nesterov": "yes"}, "outer_nesterov"),
+        ({"outer_nesterov": True}, "outer_nesterov"),  # Nesterov without momentum
+    ],
+    "LSGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
+        ({"pull": 0.0}, "pull"), ({"pull": 1.5}, "pull"), ({"pull": NAN}, "pull"),
+        ({"global_pull": 0.0}, "global_pull"), ({"global_pull": 2.0}, "global_pull"),
+        ({"leader_window": 0}, "leader_window"), ({"leader_window": 2.5}, "leader_window"),
+        ({"group_size": 0}, "group_size"), ({"group_size": 1.5}, "group_size"),
+        ({"period": 2, "global_period": 3}, "global_period"), ({"period": 2, "global_period": 0}, "global_period"),
+        ({"eval_weights": "best"}, "eval_weights"),
+    ],
+    "LookaheadStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
+        ({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha"), ({"alpha": NAN}, "alpha"),
+        ({"mode": "async"}, "mode"), ({"pullback_momentum": "keep"}, "pullback_momentum"),
+    ],
+    "EASGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
+        ({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"), ({"beta": NAN}, "beta"),
+    ],
+    "ConstantPeriod": [({"period": 0}, "period"), ({"period": 2.5}, "period"), ({"period": True}, "period")],
+    "ConstantHorizon": [
+        ({"horizon": 0}, "horizon"), ({"horizon": -1.0}, "horizon"), ({"horizon": NAN}, "horizon"),
+        ({"horizon": INF}, "horizon"), ({"horizon": "1"}, "horizon"),
+        ({"horizon": 1.0, "max_period": 0}, "max_period"), ({"horizon": 1.0, "max_period": True}, "max_period"),
+    ],
+    "CurvatureAdaptivePeriod": [
+        ({"c": 0.0}, "c"), ({"c": INF}, "c"), ({"c": NAN}, "c"), ({"min_period": 0}, "min_period"),
+        ({"min_period": 4, "max_period": 2}, "max_period"), ({"max_period": 1.5}, "max_period"),
+        ({"min_period": 2, "default_period": 1}, "default_period"),
+        ({"max_period": 10, "default_period": 11}, "default_period"),
+    ],
+    # ---------------------------------------------------------------- optimizers
+    "ClippedSGD": _OPTIM_COMMON + [
+        ({"max_norm": 0.0}, "max_norm"), ({"max_norm": -1.0}, "max_norm"), ({"max_norm": INF}, "max_norm"),
+        ({"momentum": 1.0}, "momentum"), ({"momentum": -0.1}, "momentum"),
+        ({"nesterov": True}, "nesterov"), ({"nesterov": "yes"}, "nesterov"), ({"scope": "layer"}, "scope"),
+    ],
+    "NormalizedSGD": _OPTIM_COMMON + [
+        ({"beta": -1.0}, "beta"), ({"beta": NAN}, "beta"), ({"momentum": 1.0}, "momentum"),
+        ({"nesterov": True}, "nesterov"), ({"nesterov": 1}, "nesterov"),
+    ],
+    "ACClip": _OPTIM_COMMON + [
+        ({"betas": (0.9,)}, "betas"), ({"betas": 0.9}, "betas"), ({"betas": (1.0, 0.99)}, "betas"),
+        ({"betas": (0.9, -0.1)}, "betas"), ({"alpha": 0.0}, "alpha"), ({"alpha": 2.5}, "alpha"),
+        ({"eps": 0.0}, "eps"), ({"eps": -1e-8}, "eps"),
+    ],
+    "StochasticINGD": _OPTIM_COMMON + [
+        ({"beta": 1.0}, "beta"), ({"beta": -0.5}, "beta"), ({"p": -1.0}, "p"), ({"q": -1.0}, "q"),
+        ({"p": 0.0, "q": 0.0}, "p"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": True}, "seed"),
+    ],
+    # ---------------------------------------------------------------- callbacks
+    "GradNormMonitor": [
+        ({"every_n_steps": 0}, "every_n_steps"), ({"every_n_steps": 1.5}, "every_n_steps"),
+        ({"every_n_steps": True}, "every_n_steps"), ({"norm_type": 0.0}, "norm_type"),
+        ({"norm_type": -2.0}, "norm_type"), ({"norm_type": NAN}, "norm_type"), ({"norm_type": "l2"}, "norm_type"),
+        ({"per_layer": "yes"}, "per_layer"),
+    ],
+    "GradientNoiseMonitor": [
+        ({"every_n_steps": 0}, "every_n_steps"), ({"num_batches": 1}, "num_batches"),
+        ({"source": "batch"}, "source"), ({"histogram": "yes"}, "histogram"), ({"max_coords": 8}, "max_coords"),
+        ({"bootstrap": -1}, "bootstrap"), ({"level": 0.0}, "level"), ({"level": 1.0}, "level"),
+        ({"block": 1}, "block"), ({"sample_block": 1}, "sample_block"), ({"hill_k": 0}, "hill_k"),
+        ({"batch_size": 0}, "batch_size"), ({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": -0.1}, "ema_decay"),
+        ({"max_alpha": 0.0}, "max_alpha"), ({"seed": -1}, "seed"),
+    ],
+    "TimeAverageMonitor": [
+        ({"metrics": "train/loss"}, "metrics"), ({"metrics": ["a", "a"]}, "metrics"), ({"metrics": [""]}, "metrics"),
+        ({"loss_key": ""}, "loss_key"), ({"loss_key": 3}, "loss_key"), ({"window": 0}, "window"),
+        ({"reset_on_lr_change": "yes"}, "reset_on_lr_change"), ({"gain_every": -1}, "gain_every"),
+        ({"gain_every": 0, "plateau": "log"}, "gain_every"), ({"gain_batches": 1}, "gain_batches"),
+        ({"gain_window": 4, "gain_batches": 5}, "gain_window"), ({"plateau": "warn"}, "plateau"),
+        ({"decay_factor": 1.0}, "decay_factor"), ({"decay_factor": 0.0}, "decay_factor"),
+        ({"confidence": 1.0}, "confidence"), ({"patience": 0}, "patience"), ({"cooldown": -1}, "cooldown"),
+        ({"gain_tol": -1.0}, "gain_tol"), ({"gain_tol": INF}, "gain_tol"), ({"grad_tol": 1.5}, "grad_tol"),
+        ({"min_lr": -1.0}, "min_lr"), ({"loss_fn": 3}, "loss_fn"),
+    ],
+    "SharpnessMonitor": [
+        ({"every_n_steps": 0}, "every_n_steps"), ({"probe": "random"}, "probe"), ({"max_iter": 1}, "max_iter"),
+        ({"tol": 0.0}, "tol"), ({"tol": 1.0}, "tol"), ({"bn_mode": "frozen"}, "bn_mode"),
+        ({"smoothness": "yes"}, "smoothness"), ({"dropout_mode": "off"}, "dropout_mode"),
+        ({"loss_fn": 3}, "loss_fn"), ({"hvp_method": "finite_differences"}, "hvp_method"),
+        ({"hvp_method": "func", "bn_mode": "train"}, "hvp_method"), ({"ddp_mode": "all"}, "ddp_mode"),
+        ({"warm_start": "yes"}, "warm_start"), ({"fit_on": "loss"}, "fit_on"),
+        ({"fit_on": "smoothness", "smoothness": False}, "fit_on"), ({"fit_decay": 0.0}, "fit_decay"),
+        ({"seed": -1}, "seed"), ({"prefix": ""}, "prefix"),
+    ],
+    "DashboardCallback": [({"layout": []}, "layout"), ({"layout": "default"}, "layout")],
+    # ---------------------------------------------------------------- examples
+    "ImageClassifier": [
+        ({"model_name": "no_such_model"}, "model_name"), ({"num_classes": 1}, "num_classes"),
+        ({"num_classes": 2.5}, "num_classes"), ({"lr": 0.0}, "lr"), ({"lr": NAN}, "lr"),
+        ({"momentum": 1.0}, "momentum"), ({"momentum": -0.5}, "momentum"), ({"weight_decay": -1.0}, "weight_decay"),
+        ({"in_chans": 0}, "in_chans"),
+    ],
+    "CharTransformerLM": [
+        ({"vocab_size": 1}, "vocab_size"), ({"d_model": 0}, "d_model"), ({"n_layers": 0}, "n_layers"),
+        ({"n_heads": 0}, "n_heads"), ({"d_model": 6, "n_heads": 4}, "d_model"), ({"block_size": 0}, "block_size"),
+        ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"lr": 0.0}, "lr"), ({"lr": NAN}, "lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+    ],
+    "DigitsDataModule": [
+        ({"batch_size": 0}, "batch_size"), ({"image_size": 4}, "image_size"), ({"image_size": 1024}, "image_size"),
+        ({"val_fraction": 0.0}, "val_fraction"), ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": NAN}, "val_fraction"), ({"seed": -1}, "seed"), ({"num_workers": -1}, "num_workers"),
+        ({"dataset": "mnist"}, "dataset"),
+    ],
+    "CharDataModule": [
+        ({"block_size": 0}, "block_size"), ({"batch_size": 0}, "batch_size"),
+        ({"block_size": 8, "max_chars": 10}, "max_chars"), ({"val_fraction": 1.0}, "val_fraction"),
+        ({"seed": -1}, "seed"), ({"samples_per_epoch": 0}, "samples_per_epoch"), ({"num_workers": -1}, "num_workers"),
+    ],
+}
+
+# Invalid values that are accepted today (or rejected with another exception): product bugs, one row each.
+_NO_OVERFLOW = ("strategies/_validate.py as_timeout: timedelta(seconds=inf) raises OverflowError, not ValueError; "
+                "reject non-finite (and > timedelta.max) seconds")
+GAPS: list[tuple[str, dict, str, str]] = [
+    ("LocalSGDStrategy", {"timeout": INF}, "timeout", _NO_OVERFLOW),
+    ("LSGDStrategy", {"timeout": 1e20}, "timeout", _NO_OVERFLOW),
+    ("LookaheadStrategy", {"momentum_keys": "exp_avg"}, "momentum_keys",
+     "LookaheadStrategy: momentum_keys is not validated; a bare string becomes a tuple of characters "
+     "('e', 'x', ...) so pullback_momentum silently never finds the key"),
+    ("LSGDStrategy", {"score_key": ""}, "score_key",
+     "LSGDStrategy: score_key is not validated (an empty or non-string key is accepted and never found in "
+     "callback_metrics under manual optimisation)"),
+    ("ConstantHorizon", {"horizon": True}, "horizon",
+     "ConstantHorizon: a bool horizon is accepted as 1.0 (isinstance(True, int)); ConstantPeriod rejects bools"),
+    ("ImageClassifier", {"lr": INF}, "lr", "ImageClassifier: `not lr > 0` accepts lr=inf (and weight_decay=inf)"),
+    ("ImageClassifier", {"lr": "0.1"}, "lr",
+     "ImageClassifier: a non-numeric lr raises TypeError from the comparison instead of ValueError"),
+    ("ImageClassifier", {"in_chans": True}, "in_chans", "ImageClassifier: a bool in_chans is accepted"),
+    ("ImageClassifier", {"small_input": "no"}, "small_input", "ImageClassifier: small_input is not validated"),
+    ("ImageClassifier", {"model_kwargs": [1]}, "model_kwargs",
+     "ImageClassifier: a non-dict model_kwargs fails inside timm.create_model with TypeError"),
+    ("CharTransformerLM", {"lr": INF}, "lr", "CharTransformerLM: `not lr > 0` accepts lr=inf"),
+    ("CharTransformerLM", {"dropout": "0.1"}, "dropout",
+     "CharTransformerLM: a non-numeric dropout raises TypeError from the comparison instead of ValueError"),
+    ("CharTransformerLM", {"tie_weights": "yes"}, "tie_weights", "CharTransformerLM: tie_weights is not validated"),
+    ("DigitsDataModule", {"download": "yes"}, "download", "DigitsDataModule: download is not validated"),
+    ("DigitsDataModule", {"shard": "yes"}, "shard", "DigitsDataModule: shard is not validated"),
+    ("CharDataModule", {"shard": "yes", "max_chars": 1000}, "shard", "CharDataModule: shard is not validated"),
+    ("DashboardCallback", {"layout": {"Optimization": {"loss": ["Histogram", ["train/loss"]]}}}, "layout",
+     "DashboardCallback: only the layout's type is checked; unknown chart kinds (not 'Multiline'/'Margin') and "
+     "malformed charts are accepted and only fail in add_custom_scalars at fit start"),
+]
+
+
+def _make(name: str, **kwargs):
+    cls = PUBLIC[name]
+    if issubclass(cls, torch.optim.Optimizer):
+        return cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+    return cls(**kwargs)
+
+
+def _names_the_argument(message: str, arg: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", message) is not None
+
+
+def _rows():
+    return [pytest.param(name, kwargs, arg, id=f"{name}-{arg}-{i}")
+            for name, rows in TABLE.items() if name in PUBLIC for i, (kwargs, arg) in enumerate(rows)]
+
+
+def test_every_public_class_has_an_entry():
+    missing = sorted(set(PUBLIC) - set(TABLE) - set(EXEMPT))
+    assert not missing, f"public classes without rows in tests/test_bad_inputs.py TABLE (or EXEMPT): {missing}"
+    assert {"LocalSGDStrategy", "ClippedSGD", "TimeAverageMonitor", "ImageClassifier"} <= set(PUBLIC)
+
+
+def test_every_constructor_argument_is_covered():
+    uncovered = {}
+    for name, cls in PUBLIC.items():
+        if name in EXEMPT:
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        args = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self", "params"}
+        covered = {arg for _, arg in TABLE.get(name, [])} | {g[2] for g in GAPS if g[0] == name}
+        covered |= set(UNCHECKED.get(name, {}))
+        if args - covered:
+            uncovered[name] = sorted(args - covered)
+    assert not uncovered, f"constructor arguments without an invalid-value row (or UNCHECKED reason): {uncovered}"
+
+
+@pytest.mark.parametrize("name,kwargs,arg", _rows())
+def test_invalid_value_raises_value_error_naming_the_argument(name, kwargs, arg):
+    with pytest.raises(ValueError) as info:
+        _make(name, **kwargs)
+    assert _names_the_argument(str(info.value), arg), f"{name}({kwargs}) -> {info.value!s} does not name `{arg}`"
+
+
+@pytest.mark.parametrize("name", [n for n, c in PUBLIC.items() if issubclass(c, torch.optim.Optimizer)])
+def test_optimizers_validate_param_groups_too(name):
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError) as info:
+        PUBLIC[name]([{"params": [p]}, {"params": [q], "lr": -1.0}])
+    assert _names_the_argument(str(info.value), "lr")
+    opt = PUBLIC[name]([p])
+    with pytest.raises(ValueError) as info:
+        opt.add_param_group({"params": [q], "weight_decay": NAN})
+    assert _names_the_argument(str(info.value), "weight_decay")
+
+
+@pytest.mark.parametrize("name,kwargs,arg", [
+    pytest.param(n, kw, a, id=f"{n}-{a}", marks=pytest.mark.xfail(strict=True, reason=reason))
+    for n, kw, a, reason in GAPS if n in PUBLIC])
+def test_known_validation_gaps(name, kwargs, arg):
+    with pytest.raises(ValueError) as info:
+        _make(name, **kwargs)
+    assert _names_the_argument(str(info.value), arg)
