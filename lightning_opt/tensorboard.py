@@ -61,8 +61,8 @@ class DashboardCallback(pl.Callback):
     """Writes :func:`dashboard_layout` into every ``TensorBoardLogger`` of the trainer on rank 0 at fit start."""
 
     def __init__(self, layout: Layout | None = None) -> None:
-        if layout is not None and not isinstance(layout, dict):
-            raise ValueError(f"`layout` must be a dict of categories, got {type(layout).__name__}")
+        if layout is not None:
+            _check_layout(layout)
         self.layout = layout or dashboard_layout()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -72,3 +72,17 @@ class DashboardCallback(pl.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(self.layout)
                 logger.experiment.flush()
+
+
+def _check_layout(layout: Any) -> None:
+    """``ValueError`` (naming ``layout``) unless it is {category: {title: [kind, tags]}} with kind Multiline/Margin."""
+    if not isinstance(layout, dict) or not all(isinstance(c, dict) for c in layout.values()):
+        raise ValueError(f"`layout` must be a dict of categories, each a dict of charts, got {layout!r}")
+    for category, charts in layout.items():
+        for title, chart in charts.items():
+            ok = isinstance(chart, (list, tuple)) and len(chart) == 2 and chart[0] in ("Multiline", "Margin")
+            ok = ok and isinstance(chart[1], (list, tuple)) and all(isinstance(t, str) for t in chart[1])
+            ok = ok and (chart[0] != "Margin" or len(chart[1]) == 3)
+            if not ok:
+                raise ValueError(f"`layout`[{category!r}][{title!r}] must be ['Multiline', [tags...]] or "
+                                 f"['Margin', [value, lower, upper]], got {chart!r}")

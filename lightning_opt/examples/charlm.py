@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_opt.examples.data import _check_bool, _check_real
+
 _LN2 = math.log(2.0)
 
 
@@ -66,12 +68,10 @@ class CharTransformerLM(pl.LightningModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if d_model % n_heads:
             raise ValueError(f"d_model must be divisible by n_heads={n_heads}, got d_model={d_model}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        _check_real("dropout", dropout, 0.0, 1.0)
+        _check_real("lr", lr, 0.0, low_open=True)
+        _check_real("weight_decay", weight_decay, 0.0)
+        _check_bool("tie_weights", tie_weights)
         self.save_hyperparameters()
         self.block_size = block_size
         if vocab_size is not None:

@@ -44,6 +44,21 @@ def _check_int(name: str, value: int, low: int, high: int | None = None) -> None
         raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
 
 
+def _check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_real(name: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = True) -> None:
+    """A finite real number in the given interval (``ValueError`` naming the argument otherwise)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        rng = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 < value < 1.0):
         raise ValueError(f"{name} must be a float in the open interval (0, 1), got {value!r}")
@@ -162,6 +177,8 @@ class DigitsDataModule(_ShardMixin, pl.LightningDataModule):
         self.num_workers = num_workers
         self.dataset = dataset
         self.data_dir = data_dir
+        _check_bool("download", download)
+        _check_bool("shard", shard)
         self.download = download
         self.shard = shard
         self.train_set: Dataset | None = None
@@ -336,6 +353,7 @@ class CharDataModule(_ShardMixin, pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        _check_bool("shard", shard)
         self.shard = shard
 
         self.text = load_text(text_path, max_chars)

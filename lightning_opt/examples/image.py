@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_opt.examples.data import _check_bool, _check_int, _check_real
+
 DEFAULT_MODEL = "test_efficientnet"
 
 
@@ -109,16 +111,15 @@ class ImageClassifier(pl.LightningModule):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be an integer >= 1, got {in_chans!r}")
+        _check_int("num_classes", num_classes, 2)
+        _check_real("lr", lr, 0.0, low_open=True)
+        _check_real("momentum", momentum, 0.0, 1.0)
+        _check_real("weight_decay", weight_decay, 0.0)
+        _check_int("in_chans", in_chans, 1)
+        _check_bool("pretrained", pretrained)
+        _check_bool("small_input", small_input)
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {model_kwargs!r}")
         if not timm.is_model(model_name):
             raise ValueError(
                 f"model_name must be a timm model name (see timm.list_models()), got {model_name!r}"

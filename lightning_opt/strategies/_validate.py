@@ -43,6 +43,7 @@ def as_timeout(value: Any) -> timedelta:
         seconds = value.total_seconds()
     else:
         seconds = value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"`timeout` must be a timedelta or seconds > 0, got {value!r}")
+    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds)
+            or not 0 < seconds <= 1e8):
+        raise ValueError(f"`timeout` must be a timedelta or seconds in (0, 1e8], got {value!r}")
     return timedelta(seconds=float(seconds))

@@ -67,6 +67,8 @@ class LSGDStrategy(PeriodicSyncStrategy):
         self.leader_window = check_int("leader_window", leader_window, 1)
         self.group_size = None if group_size is None else check_int("group_size", group_size, 1)
         self.eval_weights = check_choice("eval_weights", eval_weights, ("center", "leader", "local"))
+        if not isinstance(score_key, str) or not score_key:
+            raise ValueError(f"`score_key` must be a non-empty metric name, got {score_key!r}")
         self.score_key = score_key
         super().__init__(period=period, warmup_steps=warmup_steps, nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb,
                          timeout=timeout, start_method=start_method, **kwargs)

@@ -50,7 +50,8 @@ class ConstantHorizon(PeriodSchedule):
     """
 
     def __init__(self, horizon: float, max_period: int = 10_000) -> None:
-        if not isinstance(horizon, (int, float)) or not horizon > 0 or horizon != horizon or horizon == float("inf"):
+        if (isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not horizon > 0
+                or horizon != horizon or horizon == float("inf")):
             raise ValueError(f"`horizon` must be a finite float > 0, got {horizon!r}")
         if isinstance(max_period, bool) or not isinstance(max_period, int) or max_period < 1:
             raise ValueError(f"`max_period` must be an int >= 1, got {max_period!r}")
