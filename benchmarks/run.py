@@ -18,7 +18,9 @@ import time
 
 import torch
 
-BENCHES = ["bench_optim", "bench_sharpness", "bench_monitors_noise", "bench_strategies"]
+BENCHES = ["bench_optim", "bench_sharpness", "bench_monitors_noise", "bench_strategies", "bench_throttled"]
+# Full runs of these write their own curated results file by default; `make bench` must not overwrite it.
+EXTRA_ARGS = {"bench_throttled": ["--out", "benchmarks/results_throttled_latest.md"]}
 
 
 def machine() -> str:
@@ -36,7 +38,7 @@ def main() -> int:
     parts = [f"# Benchmark run {time.strftime('%Y-%m-%d %H:%M')}\n", f"Machine: {machine()}\n"]
     failed = 0
     for name in args.only or BENCHES:
-        cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--smoke"] if args.smoke else [])
+        cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--smoke"] if args.smoke else EXTRA_ARGS.get(name, []))
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         failed += proc.returncode != 0
