@@ -96,5 +96,5 @@ def test_eval_weights_center_leader_local_and_logged_sync_metrics(tmp_path):
     acc = EventAccumulator(str(events))
     acc.Reload()
     leaders = [e.value for e in acc.Scalars("lsgd/leader")]
-    assert leaders == [1.0] and acc.Scalars("lsgd/score_spread")[0].value > 0.5
+    assert leaders == [1.0, 1.0] and acc.Scalars("lsgd/score_spread")[0].value > 0.5
     assert "comm/bytes" in acc.Tags()["scalars"]

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_opt.distributed import is_dist, write_back
 from lightning_opt.strategies._validate import check_float
@@ -16,7 +15,9 @@ from lightning_opt.strategies.schedules import PeriodSchedule
 
 class EASGDStrategy(PeriodicSyncStrategy):
     r"""Elastic averaging SGD, synchronous form (Zhang, Choromanska & LeCun, "Deep learning with elastic averaging
-    SGD", NIPS 2015, eq. (5)–(6); with a communication period τ as in their Alg. 1).
+    SGD", NIPS 2015, §3: synchronous EASGD with α = ηρ and β = pα; the elastic step every τ steps as in their
+    Alg. 1). The same update, written for EAGD, is in the LSGD seed (Teng et al. 2019, Suppl. §8):
+    :math:`\tilde X_+ = (1 - p\eta\lambda)\tilde X + p\eta\lambda \cdot \frac1p\sum_i X^i`.
 
     Each of N workers takes ``period`` (τ) local optimizer steps; then, with the elastic coefficient
     :math:`\alpha = \beta / N` (β the *moving rate*) and the centre variable :math:`\tilde x` shared by all ranks,
@@ -26,9 +27,10 @@ class EASGDStrategy(PeriodicSyncStrategy):
 
     both right-hand sides using the pre-update :math:`x_i` and :math:`\tilde x`. The centre therefore moves a
     fraction β of the way to the workers' mean, :math:`\tilde x \leftarrow (1-\beta)\tilde x + \beta \bar x`.
-    The default β = 0.43 is the EASGD paper's setting, also used for the EASGD baseline of the LSGD paper
-    (Teng et al. 2019, §4 and Suppl. Table 2). The EASGD objective's stationary points need not be stationary
-    points of f (LSGD paper, Prop. 8) — the reason :class:`~lightning_opt.strategies.lsgd.LSGDStrategy` exists.
+    The default β = 0.43 is the EASGD paper's setting, also used for the EASGD baselines of the LSGD paper
+    (§4 and Suppl. Table 2). The EASGD objective's stationary points need not be stationary points of f (LSGD
+    paper, Prop. 8) — the reason :class:`~lightning_opt.strategies.lsgd.LSGDStrategy` exists; see
+    ``examples/reproductions/matrix_completion.py`` for the LSGD paper's Fig. 1 comparison.
 
     Communication per sync: one all-reduce of the workers' parameters (flat buckets) plus the tiny non-finite
     flag vector. The centre is kept in fp32 (or the parameter dtype if wider), is identical on every rank (all
@@ -88,13 +90,10 @@ class EASGDStrategy(PeriodicSyncStrategy):
             means = self._world_mean(params, "parameters", step)
             self._center[idx] = [m.to(_wide_dtype(p.dtype)).clone() for m, p in zip(means, params)]
 
-    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._center:
-            # Unlike averaging, an elastic sync leaves the workers apart from the centre: the module never holds
-            # the consensus weights during the local phase, so evaluation and checkpoints must swap them in.
-            self._in_sync = False
-        return output
+    def _weights_are_consensus_after_sync(self) -> bool:
+        # Unlike averaging, an elastic sync leaves the workers apart from the centre: evaluation and checkpoints
+        # must swap the centre in.
+        return False
 
     # ------------------------------------------------------------------ sync
     def _sync(self, idx: int, step: int) -> None:

@@ -164,6 +164,10 @@ class LSGDStrategy(PeriodicSyncStrategy):
         self.last_leader = glob
         self._log_sync(step, scores, glob)
 
+    def _weights_are_consensus_after_sync(self) -> bool:
+        # Workers pulled with λ < 1 stay apart: the centre / leader must still be built for evaluation.
+        return self.eval_weights == "local"
+
     def _pulled_tensors(self) -> list[Tensor]:
         return list(self._opt_params(0)) + self._float_buffers()
 

@@ -180,7 +180,7 @@ class PeriodicSyncStrategy(DDPStrategy):
             self.meter.syncs += 1
             self.meter.extra["sync_seconds"] = self.meter.extra.get("sync_seconds", 0.0) + (
                 time.perf_counter() - start)
-            self._in_sync = True
+            self._in_sync = self._weights_are_consensus_after_sync()
             self._schedule_next(idx, step)
         self._maybe_log(step)
         return output
@@ -202,6 +202,11 @@ class PeriodicSyncStrategy(DDPStrategy):
 
     def _sync(self, idx: int, step: int) -> None:
         raise NotImplementedError
+
+    def _weights_are_consensus_after_sync(self) -> bool:
+        """Whether every rank's module holds the consensus weights right after a sync (averaging strategies:
+        yes; pull-based ones like LSGD with λ < 1: no, so evaluation must still build the consensus)."""
+        return True
 
     # ------------------------------------------------------------------ warmup gradient averaging
     def _averaging_closure(self, closure: Callable[[], Any], idx: int, step: int) -> Callable[[], Any]:

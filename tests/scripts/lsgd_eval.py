@@ -1,4 +1,5 @@
-"""Rank script: LSGD's eval_weights (center / leader / local) decide fit's final weights; sync metrics are logged."""
+"""Rank script: LSGD's eval_weights (center / leader / local) decide fit's final weights, also when the last step is
+a sync (pulled workers stay apart); sync metrics are logged."""
 
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ results = {}
 for mode in ("center", "leader", "local"):
     rec, model = Recorder(), OffsetModel(bn=False)
     logger = TensorBoardLogger(out / "tb", name=mode) if mode == "center" else False
-    trainer(LSGDStrategy(period=4, pull=0.5, leader_window=2, eval_weights=mode, timeout=60), max_steps=6,
+    trainer(LSGDStrategy(period=4, pull=0.5, leader_window=2, eval_weights=mode, timeout=60), max_steps=8,
             callbacks=[rec], logger=logger, log_every_n_steps=1).fit(model)
     results[mode] = {"local": rec.params[-1], "final": flat_params(model)}
 torch.save(results, out / f"rank{rank()}.pt")
