@@ -162,6 +162,8 @@ TABLE: dict[str, list[tuple[dict, str]]] = {
         ({"seed": -1}, "seed"), ({"prefix": ""}, "prefix"),
     ],
     "DashboardCallback": [({"layout": []}, "layout"), ({"layout": "default"}, "layout")],
+    "ProgressBarMetrics": [({"keys": {"grad/norm": 1}}, "keys"), ({"keys": ["grad/norm"]}, "keys"),
+                           ({"show_sync": "yes"}, "show_sync")],
     # ---------------------------------------------------------------- examples
     "ImageClassifier": [
         ({"model_name": "no_such_model"}, "model_name"), ({"num_classes": 1}, "num_classes"),

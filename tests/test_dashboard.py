@@ -43,3 +43,13 @@ def test_layout_names_match_what_strategies_log():
     tags = str(dashboard_layout())
     for tag in ("comm/bytes", "comm/ddp_bytes", "comm/syncs", "comm/period", "lsgd/leader"):
         assert tag in tags
+
+
+def test_progress_bar_shows_steps_to_next_sync_and_monitor_values(tmp_path):
+    from dist import run_ranks
+
+    run_ranks("progress_bar.py", tmp_path, timeout=300)
+    bars = torch.load(tmp_path / "rank0.pt")
+    # warmup 2 steps, then syncs after steps 5 and 8
+    assert [b["sync_in"] for b in bars] == ["warmup", 3, 2, 1, 3, 2, 1, 3]
+    assert all(b["gnorm"] > 0 for b in bars)

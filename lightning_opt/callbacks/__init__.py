@@ -2,7 +2,15 @@
 
 from lightning_opt.callbacks.grad_norm import GradNormMonitor
 from lightning_opt.callbacks.gradient_noise import GradientNoiseMonitor
+from lightning_opt.callbacks.progress import ProgressBarMetrics
 from lightning_opt.callbacks.sharpness import CURVATURE_ATTR, SharpnessMonitor
 from lightning_opt.callbacks.time_average import TimeAverageMonitor
 
-__all__ = ["CURVATURE_ATTR", "GradNormMonitor", "GradientNoiseMonitor", "SharpnessMonitor", "TimeAverageMonitor"]
+__all__ = [
+    "CURVATURE_ATTR",
+    "GradNormMonitor",
+    "GradientNoiseMonitor",
+    "ProgressBarMetrics",
+    "SharpnessMonitor",
+    "TimeAverageMonitor",
+]

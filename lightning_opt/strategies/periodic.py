@@ -459,6 +459,16 @@ class PeriodicSyncStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ logging
     @property
+    def steps_to_next_sync(self) -> int | str:
+        """Optimizer steps (of the first optimizer) until the next synchronisation; ``"warmup"`` during warmup."""
+        step = self._steps.get(0, 0)
+        if step < self.warmup_steps:
+            return "warmup"
+        if 0 not in self._next_sync:
+            return self.schedule.next_period(step, self._lr(0) if self.optimizers else 0.0, None)
+        return self._next_sync[0] - step
+
+    @property
     def comm_stats(self) -> dict[str, float]:
         """Cumulative communication figures (also logged as ``comm/*`` on logging steps)."""
         return {
