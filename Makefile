@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-smoke clean
+.PHONY: demo test lint bench bench-smoke clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ demo: $(STAMP)
 	@echo ""
 	@echo "TensorBoard:  $(BIN)/tensorboard --logdir lightning_logs"
 
-test: $(STAMP)
+# The dashboard's browser check needs Debian's chromium + chromium-driver (installed here when missing; needs root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --timeout=300 -p no:cacheprovider --durations=15
 
