@@ -68,3 +68,11 @@ def test_every_optimizer_selectable_from_the_cli(tmp_path, optimizer, args):
     out = run_command([*CLI, "fit", "--config", cfg, "--optimizer", f"lightning_opt.optim.{optimizer}", *args,
                        "--trainer.max_steps=2"], timeout=200, env=dist_env()).stdout
     assert "max_steps=2" in out
+
+
+@pytest.mark.parametrize("name", ["lsgd", "lookahead", "easgd"])
+def test_fit_by_every_other_registry_name(tmp_path, name):
+    cfg = _config(tmp_path, name)
+    out = run_command([*CLI, "fit", "--config", cfg], timeout=300, env=dist_env()).stdout
+    assert "max_steps=6" in out
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
