@@ -1,0 +1,52 @@
+"""Small helpers shared by the reproduction scripts: Agg matplotlib, log-log slope fits, JSON summary line."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "docs" / "img"
+
+__all__ = ["DEFAULT_OUT", "ROOT", "emit", "loglog_slope", "plt"]
+
+
+def loglog_slope(steps: Sequence[float], values: Sequence[float], k_min: float, k_max: float | None = None) -> float:
+    """Least-squares slope of log(value) against log(step) over steps in [k_min, k_max] (NaN if < 3 points or a
+    value is not positive and finite)."""
+    pts = [
+        (math.log(k), math.log(v))
+        for k, v in zip(steps, values, strict=True)
+        if k >= k_min and (k_max is None or k <= k_max) and v > 0 and math.isfinite(v)
+    ]
+    if len(pts) < 3:
+        return float("nan")
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
+    return sxy / sxx
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 6) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def emit(summary: dict[str, Any]) -> None:
+    """Print ``summary`` as one JSON line prefixed by ``RESULT `` (non-finite floats become ``null``)."""
+    text = json.dumps(_clean(summary), sort_keys=True)
+    print("RESULT " + text, flush=True)

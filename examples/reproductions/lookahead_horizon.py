@@ -1,0 +1,211 @@
+"""Issue 12 #7 -- curvature paper Fig. H.1 / App. I / Alg. 3: SGD vs Lookahead vs Lookahead with constant horizon.
+
+Paper (ResNet-18, CIFAR-10, 200 epochs): SGD with lr 0.1; Lookahead with period τ = 5 and the same lr; Lookahead with
+constant horizon s = γτ (same initial γ and τ), where every lr drop by 5× (epochs 60, 120, 160) multiplies τ by 5, so
+τ = 5 → 25 → 125 → 625. Claim (Thm 5.6 / Cor. 5.7, "empirically verified in Fig. H.1"): keeping the horizon constant
+while the lr decays still converges, like SGD and plain Lookahead.
+
+Here, at toy scale and on one CPU process: ``ImageClassifier`` (timm ``test_efficientnet``, stride-1 stem) on
+``DigitsDataModule`` (sklearn digits, 8x8 images, batch 32, 45 steps per epoch), SGD momentum 0.9, weight decay 5e-4,
+lr 0.1 divided by 5 at 30%, 60%, 80% of the epochs (the paper's 60/120/160 of 200). Runs:
+
+* ``sgd``:     ``Trainer(strategy="auto")``;
+* ``la``:      ``Trainer(devices=1, strategy=LookaheadStrategy(period=5, alpha=0.5))``;
+* ``la_ch``:   ``Trainer(devices=1, strategy=LookaheadStrategy(period=ConstantHorizon(0.5), alpha=0.5))``
+  (τ = round(0.5 / lr) re-evaluated at every synchronisation, Alg. 3).
+
+α = 0.5 (the paper does not print α; 0.5 is the Lookahead default). Measured per epoch: validation accuracy and loss
+(Lookahead: of the slow weights, which is what Lightning evaluates under the strategy), mean training loss of the
+fast weights, the current τ and the number of synchronisations.
+
+    python examples/reproductions/lookahead_horizon.py           # full (~7 min on 2 shared CPU cores)
+    python examples/reproductions/lookahead_horizon.py --quick   # smoke test (<45 s)
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread: the box is a shared 2-core CPU, and a DDP-family strategy would otherwise set torch to cpu_count threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from _plot import DEFAULT_OUT, emit, plt
+from pytorch_lightning.callbacks import Callback
+
+from lightning_opt.examples import DigitsDataModule, ImageClassifier
+from lightning_opt.strategies import LookaheadStrategy
+from lightning_opt.strategies.schedules import ConstantHorizon
+
+METHODS = ("sgd", "la", "la_ch")
+COLORS = {"sgd": "tab:red", "la": "tab:blue", "la_ch": "tab:green"}
+LR0, TAU0, ALPHA, DROP = 0.1, 5, 0.5, 0.2
+
+
+class StepScheduleClassifier(ImageClassifier):
+    """``ImageClassifier`` with a step lr schedule (× ``gamma`` at the milestone epochs)."""
+
+    def __init__(self, milestones: list[int], gamma: float = DROP, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.milestones, self.gamma = list(milestones), gamma
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class Recorder(Callback):
+    """Per epoch: val loss / acc, mean train loss, lr, the strategy's current period and its sync count."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self._train: list[float] = []
+        self._lr = float("nan")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # the lr this epoch trains with (an epoch-interval scheduler has already stepped by validation time)
+        self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._train.append(float(outputs["loss"].detach()))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        cm = trainer.callback_metrics
+        strat = trainer.strategy
+        period = getattr(strat, "_period_now", {}).get(0)
+        meter = getattr(strat, "meter", None)
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch + 1,
+                "val_loss": float(cm["val/loss"]),
+                "val_acc": float(cm["val/acc"]),
+                "train_loss": statistics.fmean(self._train) if self._train else float("nan"),
+                "lr": self._lr,
+                "period": period,
+                "syncs": getattr(meter, "syncs", None),
+            }
+        )
+        self._train = []
+
+
+def run(method: str, seed: int, epochs: int, image_size: int) -> list[dict]:
+    pl.seed_everything(seed, workers=True, verbose=False)
+    milestones = [round(0.3 * epochs), round(0.6 * epochs), round(0.8 * epochs)]
+    model = StepScheduleClassifier(milestones, lr=LR0, momentum=0.9, weight_decay=5e-4)
+    dm = DigitsDataModule(batch_size=32, image_size=image_size, seed=seed)
+    if method == "sgd":
+        strategy: object = "auto"
+    elif method == "la":
+        strategy = LookaheadStrategy(period=TAU0, alpha=ALPHA)
+    else:
+        strategy = LookaheadStrategy(period=ConstantHorizon(LR0 * TAU0), alpha=ALPHA)
+    rec = Recorder()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_epochs=epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[rec],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    return rec.rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2 full / 1 quick)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs (default 50 full / 5 quick)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*too few.*")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    quick = args.quick
+    seeds = list(range(args.seeds or (1 if quick else 2)))
+    epochs = args.epochs or (5 if quick else 50)
+    image_size = 8
+
+    runs: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+    for m in METHODS:
+        for s in seeds:
+            runs[m].append(run(m, s, epochs, image_size))
+            print(f"[{m} seed {s}] final {runs[m][-1][-1]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    results: dict[str, dict] = {}
+    for m in METHODS:
+        last = [r[-1] for r in runs[m]]
+        best = [max(row["val_acc"] for row in r) for r in runs[m]]
+        results[m] = {
+            "final_val_acc": [row["val_acc"] for row in last],
+            "final_val_loss": [row["val_loss"] for row in last],
+            "final_train_loss": [row["train_loss"] for row in last],
+            "final_val_acc_mean": statistics.fmean(row["val_acc"] for row in last),
+            "final_val_loss_mean": statistics.fmean(row["val_loss"] for row in last),
+            "final_train_loss_mean": statistics.fmean(row["train_loss"] for row in last),
+            "best_val_acc_mean": statistics.fmean(best),
+            "periods": sorted({row["period"] for row in runs[m][0] if row["period"] is not None}),
+            "syncs": runs[m][0][-1]["syncs"],
+        }
+        # synchronisations per lr phase (from the per-epoch sync counter)
+        phases: dict[str, int] = {}
+        prev = 0
+        for lr in sorted({row["lr"] for row in runs[m][0]}, reverse=True):
+            rows = [row for row in runs[m][0] if row["lr"] == lr]
+            if rows and rows[-1]["syncs"] is not None:
+                phases[f"{lr:.4g}"] = rows[-1]["syncs"] - prev
+                prev = rows[-1]["syncs"]
+        results[m]["syncs_per_lr_phase"] = phases
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for m in METHODS:
+        for i, r in enumerate(runs[m]):
+            ep = [row["epoch"] for row in r]
+            lab = m if i == 0 else None
+            ls = "--" if m == "la_ch" else "-"  # la and la_ch coincide until the first lr drop
+            axes[0].plot(ep, [row["val_acc"] for row in r], color=COLORS[m], lw=1, ls=ls, label=lab)
+            axes[1].semilogy(ep, [row["val_loss"] for row in r], color=COLORS[m], lw=1, ls=ls, label=lab)
+            axes[2].semilogy(ep, [row["train_loss"] for row in r], color=COLORS[m], lw=1, ls=ls, label=lab)
+            if m != "sgd" and i == 0:
+                axes[3].semilogy(ep, [row["period"] or 1 for row in r], color=COLORS[m], ls=ls, label=f"{m} τ")
+    axes[0].set_ylim(0.9, 1.0)
+    axes[0].set_title("val accuracy (Lookahead: slow weights)")
+    axes[1].set_title("val loss (Lookahead: slow weights)")
+    axes[2].set_title("training loss (fast weights, epoch mean)")
+    axes[3].set_title("period τ after each epoch (lr ÷5 at 30/60/80%)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"digits 8x8, test_efficientnet, {len(seeds)} seed(s), lr0={LR0}, τ0={TAU0}, α={ALPHA}")
+    fig.tight_layout()
+    png = args.out / "repro_lookahead_horizon.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    emit(
+        {
+            "claim": "curvature paper Fig. H.1 / Alg. 3",
+            "quick": quick,
+            "epochs": epochs,
+            "seeds": len(seeds),
+            "results": results,
+            "png": str(png),
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
