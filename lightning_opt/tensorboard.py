@@ -1,8 +1,8 @@
 """TensorBoard dashboard: a custom-scalars layout that groups what the strategies and monitors log.
 
 ``DashboardCallback`` writes the layout once (rank 0) into the run's TensorBoard event file, so the
-"Custom Scalars" tab shows Optimization, Curvature (λ_max on the same chart as the 2/lr edge of stability),
-Noise, Time averages and Communication. ``dashboard_layout()`` returns the layout for use with any
+"Custom Scalars" tab shows Optimization, Clipping, Curvature (λ_max on the same chart as the 2/lr edge of
+stability), Noise, Time averages and Communication. ``dashboard_layout()`` returns the layout for use with any
 ``SummaryWriter.add_custom_scalars``.
 """
 
@@ -23,7 +23,11 @@ def dashboard_layout() -> Layout:
             "loss": ["Multiline", ["train/loss", "val/loss", r"time_avg/train/loss", r"window_avg/train/loss"]],
             "learning rate": ["Multiline", [r"lr-.*", r"lr"]],
             "gradient norm": ["Multiline", ["grad/norm", "grad/norm_max", r"time_avg/grad/norm"]],
-            "clipping": ["Multiline", ["grad/clip_scale", "grad/clip_fraction", "grad/skipped"]],
+        },
+        "Clipping": {
+            "pre / post clip norm": ["Multiline", ["grad/grad_norm", "grad/post_clip_norm"]],
+            "clip scale and fraction": ["Multiline", ["grad/clip_scale", "grad/clip_fraction"]],
+            "skipped non-finite steps": ["Multiline", ["grad/skipped"]],
         },
         "Curvature": {
             "lambda_max vs 2/lr (edge of stability)": ["Multiline", ["curvature/lambda_max", "curvature/two_over_lr"]],

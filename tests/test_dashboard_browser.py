@@ -86,7 +86,7 @@ def test_custom_scalars_dashboard_renders_in_headless_chromium(tmp_path):
         if browser is not None:
             browser.quit()
         server.kill()
-    for group in ("Optimization", "Curvature", "Noise", "Time averages", "Communication"):
+    for group in ("Optimization", "Clipping", "Curvature", "Noise", "Time averages", "Communication"):
         assert group in text, f"{group!r} not shown; page text: {text[:2000]}"
     assert "lambda_max vs 2/lr (edge of stability)" in text
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
