@@ -232,3 +232,43 @@ def test_curvature_adaptive_period_reacts_to_lambda_min():
 def test_curvature_adaptive_period_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CurvatureAdaptivePeriod(**kwargs)
+
+
+def test_hvp_through_attention_uses_a_twice_differentiable_kernel():
+    """Fused SDPA kernels have no double backward (seen with the char transformer on CPU); the HVP must still work
+    and agree with a finite difference of gradients."""
+    from lightning_opt.examples import CharTransformerLM
+    from lightning_opt.stats.hvp import HessianVectorProduct
+
+    torch.manual_seed(0)
+    model = CharTransformerLM(vocab_size=20, d_model=32, n_layers=1, n_heads=2, block_size=16).double()
+    x, y = torch.randint(0, 20, (4, 16)), torch.randint(0, 20, (4, 16))
+
+    def loss_fn(mod):
+        return torch.nn.functional.cross_entropy(mod(x).reshape(-1, 20), y.reshape(-1))
+
+    hvp = HessianVectorProduct(model, loss_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    hv = hvp(v)  # before the in-place perturbations below
+    hvp.release()
+
+    def flat_grad():
+        model.zero_grad()
+        loss_fn(model).backward()
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    eps = 1e-5
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p += eps * v[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+    g_plus = flat_grad()
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p -= 2 * eps * v[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+    g_minus = flat_grad()
+    torch.testing.assert_close(hv, (g_plus - g_minus) / (2 * eps), atol=1e-5, rtol=1e-4)

@@ -32,6 +32,14 @@ __all__ = ["HessianVectorProduct", "flat_to_tensors", "flatten_tensors", "traina
 _METHODS = ("double_backward", "func")
 
 
+def _twice_differentiable():
+    """Route scaled-dot-product attention to its math kernel: the fused (flash / memory-efficient) kernels have no
+    double backward, so an HVP through an attention model would fail with them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def trainable_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` for every parameter with ``requires_grad`` (shared parameters once)."""
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -122,7 +130,7 @@ class HessianVectorProduct:
 
     # ------------------------------------------------------------------ construction
     def _build_graph(self) -> None:
-        with torch.enable_grad():
+        with torch.enable_grad(), _twice_differentiable():
             loss = self.loss_fn(self.module)
             self._check_loss(loss)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -201,6 +209,6 @@ class HessianVectorProduct:
             return functional_call(wrapper, dict(zip(names, params, strict=True)), (), strict=False)
 
         primals = tuple(p.detach() for p in self.params)
-        with torch.enable_grad():
+        with torch.enable_grad(), _twice_differentiable():
             _, hv = jvp(grad(loss_of), (primals,), (tuple(parts),))
         return self._flatten_maybe_none(list(hv))
