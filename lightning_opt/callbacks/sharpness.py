@@ -55,6 +55,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_opt._validation import check_bool, check_choice, check_float, check_int
 from lightning_opt.distributed.buckets import all_reduce_flat, is_dist
 from lightning_opt.distributed.scalars import all_gather_vector, rank, world_size
 from lightning_opt.stats.hvp import HessianVectorProduct, flatten_tensors, trainable_named_parameters
@@ -69,34 +70,6 @@ try:  # numpy is optional; restore its RNG when present
     import numpy as _np
 except ImportError:  # pragma: no cover
     _np = None
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        rng = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"`{name}` must be a float in {rng}, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a bool, got {value!r}")
-    return value
 
 
 def _clone_batch(batch: Any, device: torch.device | None = None) -> Any:
@@ -164,27 +137,27 @@ class SharpnessMonitor(Callback):
         prefix: str = "curvature",
     ) -> None:
         super().__init__()
-        self.every_n_steps = _check_int("every_n_steps", every_n_steps, 1)
-        self.probe = _check_choice("probe", probe, ("fixed", "current"))
-        self.max_iter = _check_int("max_iter", max_iter, 2)
-        self.tol = _check_float("tol", tol, 0.0, 1.0, True, True)
-        self.bn_mode = _check_choice("bn_mode", bn_mode, ("eval", "train"))
-        self.smoothness = _check_bool("smoothness", smoothness)
-        self.dropout_mode = _check_choice("dropout_mode", dropout_mode, ("eval", "train"))
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self.probe = check_choice("probe", probe, ("fixed", "current"))
+        self.max_iter = check_int("max_iter", max_iter, 2)
+        self.tol = check_float("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
+        self.bn_mode = check_choice("bn_mode", bn_mode, ("eval", "train"))
+        self.smoothness = check_bool("smoothness", smoothness)
+        self.dropout_mode = check_choice("dropout_mode", dropout_mode, ("eval", "train"))
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"`loss_fn` must be None or a callable (pl_module, batch) -> loss, "
                              f"got {loss_fn!r}")
         self.loss_fn = loss_fn
-        self.hvp_method = _check_choice("hvp_method", hvp_method, ("double_backward", "func"))
+        self.hvp_method = check_choice("hvp_method", hvp_method, ("double_backward", "func"))
         if hvp_method == "func" and (bn_mode == "train" or dropout_mode == "train"):
             raise ValueError(f"`hvp_method`='func' needs bn_mode='eval' and dropout_mode='eval', got "
                              f"bn_mode={bn_mode!r}, dropout_mode={dropout_mode!r}")
-        self.ddp_mode = _check_choice("ddp_mode", ddp_mode, ("auto", "global", "local"))
-        self.warm_start = _check_bool("warm_start", warm_start)
-        self.fit_on = _check_choice("fit_on", fit_on, ("hessian_norm", "smoothness"))
+        self.ddp_mode = check_choice("ddp_mode", ddp_mode, ("auto", "global", "local"))
+        self.warm_start = check_bool("warm_start", warm_start)
+        self.fit_on = check_choice("fit_on", fit_on, ("hessian_norm", "smoothness"))
         if fit_on == "smoothness" and not smoothness:
             raise ValueError("`fit_on`='smoothness' needs `smoothness`=True, got smoothness=False")
-        self.fit_decay = _check_float("fit_decay", fit_decay, 0.0, 1.0, True, False)
+        self.fit_decay = check_float("fit_decay", fit_decay, 0.0, 1.0, low_open=True)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`seed` must be an int >= 0, got {seed!r}")
         self.seed = seed

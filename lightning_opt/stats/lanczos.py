@@ -25,26 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import check_float, check_int
+
 __all__ = ["LanczosResult", "lanczos_extreme_eigs", "power_iteration"]
 
 _WHICH = ("both", "max", "min")
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value, low: float, high: float, low_open: bool = True,
-                 high_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        rng = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"`{name}` must be a float in {rng}, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -159,14 +144,14 @@ def lanczos_extreme_eigs(
     Breakdown (β≈0, an invariant subspace was found) continues from a fresh random vector orthogonal to the
     basis, so the returned extremes are those of the whole space up to ``dim`` steps.
     """
-    _check_int("dim", dim, 1)
-    _check_int("max_iter", max_iter, 1)
-    _check_float("tol", tol, 0.0, 1.0)
+    check_int("dim", dim, 1)
+    check_int("max_iter", max_iter, 1)
+    check_float("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
     if which not in _WHICH:
         raise ValueError(f"`which` must be one of {_WHICH}, got {which!r}")
-    _check_float("warm_noise", warm_noise, 0.0, 1.0, low_open=False, high_open=False)
-    _check_int("min_iter", min_iter, 1)
-    _check_float("floor", floor, 0.0, 1.0, low_open=False)
+    check_float("warm_noise", warm_noise, 0.0, 1.0)
+    check_int("min_iter", min_iter, 1)
+    check_float("floor", floor, 0.0, 1.0, high_open=True)
     if v0 is not None:
         if not isinstance(v0, Tensor) or v0.numel() % dim != 0 or v0.numel() == 0:
             raise ValueError(f"`v0` must be a tensor of shape [dim] or [k, dim] with dim={dim}, got "
@@ -282,9 +267,9 @@ def power_iteration(
     :func:`lanczos_extreme_eigs`; the stopping rule measures progress, not error, so it can stop early on a
     slowly converging spectrum.
     """
-    _check_int("dim", dim, 1)
-    _check_int("max_iter", max_iter, 1)
-    _check_float("tol", tol, 0.0, 1.0)
+    check_int("dim", dim, 1)
+    check_int("max_iter", max_iter, 1)
+    check_float("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
     if v0 is not None:
         device = v0.device if device is None else device
         dtype = v0.dtype if dtype is None else dtype
