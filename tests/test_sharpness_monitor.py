@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from scripts.sharpness_common import TinyNet, exact_hessian, loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_opt.callbacks.sharpness import CURVATURE_ATTR, SharpnessMonitor
+from lightning_opt.callbacks.sharpness import CALIBRATION_STEPS, CURVATURE_ATTR, SharpnessMonitor
 
 
 def _trainer(tmp_path, callbacks, max_steps=6, logger=False):
@@ -151,6 +152,8 @@ def test_manual_optimisation_needs_loss_fn(tmp_path):
     ({"warm_start": "yes"}, "warm_start"), ({"fit_on": "lambda"}, "fit_on"),
     ({"fit_on": "smoothness", "smoothness": False}, "fit_on"), ({"fit_decay": 0.0}, "fit_decay"),
     ({"fit_decay": 1.5}, "fit_decay"), ({"seed": -1}, "seed"), ({"prefix": ""}, "prefix"),
+    ({"max_overhead": 0.0}, "max_overhead"), ({"max_overhead": 1.0}, "max_overhead"),
+    ({"every_n_steps": 5, "max_overhead": 0.1}, "max_overhead"),
 ])
 def test_monitor_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -190,3 +193,60 @@ def test_two_process_ddp(out_dir):
     assert r1["event_files_rank1"] == 0
     # checkpoint holds every rank's fixed probe batch
     assert r0["ckpt_probe_batches"] == 2 and r0["ckpt_probes_differ"]
+
+
+class SlowNet(TinyNet):
+    """TinyNet whose training step takes ≥ 10 ms, so a measurement costs a few steps (as on a real model)."""
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.01)
+        return super().training_step(batch, batch_idx)
+
+
+def test_cost_aware_default_keeps_the_monitor_within_its_budget(tmp_path):
+    pl.seed_everything(0)
+    mon = SharpnessMonitor(max_overhead=0.2, max_iter=30)
+    assert mon.every_n_steps is None
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _trainer(tmp_path, [mon], max_steps=150, logger=logger).fit(SlowNet(), loader())
+    steps = [int(h["step"]) for h in mon.history]
+    assert len(steps) >= 4, steps  # a measurement costs a few 10 ms steps: the budget allows many
+    assert steps[0] > CALIBRATION_STEPS  # calibration first, then the first affordable step
+    # every measurement ran exactly at the step the previous one planned (and logged)
+    assert [int(h["curvature/next_step"]) for h in mon.history[:-1]] == steps[1:]
+    overhead = [h["curvature/overhead"] for h in mon.history]
+    assert max(overhead[1:]) <= 0.3, overhead  # the share right after a measurement: about the budget
+    assert 0.0 < mon._budget.share() <= 0.3
+    assert mon._budget.share() >= 0.05  # and the schedule does use the budget (not vacuously cheap)
+    scalars = _scalars(logger.log_dir)
+    assert [s for s, _ in scalars["curvature/overhead"]] == steps
+
+
+def test_cost_aware_default_defers_an_unaffordable_measurement(tmp_path, monkeypatch):
+    messages = []
+    monkeypatch.setattr("lightning_opt.callbacks.sharpness.rank_zero_info", messages.append)
+    mon = SharpnessMonitor(max_overhead=0.001)
+    _trainer(tmp_path, [mon], max_steps=40).fit(TinyNet(), loader())
+    assert mon.history == []
+    assert mon._budget.next_step > 40
+    assert len(messages) == 1 and f"first one runs at step {mon._budget.next_step}" in messages[0]
+
+
+def test_cost_aware_schedule_is_checkpointed(tmp_path):
+    pl.seed_everything(0)
+    mon = SharpnessMonitor(max_overhead=0.2, max_iter=20)
+    _trainer(tmp_path, [mon], max_steps=40).fit(SlowNet(), loader())
+    state = mon.state_dict()
+    resumed = SharpnessMonitor(max_overhead=0.2, max_iter=20)
+    resumed.load_state_dict(state)
+    assert resumed._budget.next_step == mon._budget.next_step > 40
+    assert resumed._budget.spent == pytest.approx(mon._budget.spent)
+    assert resumed._budget.elapsed() == pytest.approx(state["budget"]["elapsed"])
+
+
+def test_cost_aware_schedule_agrees_across_ranks_with_different_step_times(out_dir):
+    run_script("sharpness_budget_ddp.py", "--out", out_dir, timeout=240)
+    r0, r1 = (json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    for key in ("global", "local"):
+        assert r0[key] == r1[key], key  # the same measured steps on both ranks (no collective mismatch)
+        assert len(r0[key]) >= 2, r0

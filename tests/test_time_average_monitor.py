@@ -255,3 +255,13 @@ def test_state_dict_round_trip_and_exact_resume(tmp_path):
 
     with pytest.raises(ValueError, match="metrics"):
         TimeAverageMonitor(metrics=["x"]).load_state_dict(full_mon.state_dict())
+
+
+def test_gain_every_default_depends_on_the_plateau_test():
+    from lightning_opt.callbacks.time_average import GAIN_EVERY_DIAGNOSTIC, GAIN_EVERY_PLATEAU
+
+    assert TimeAverageMonitor().gain_every == GAIN_EVERY_DIAGNOSTIC == 100
+    assert TimeAverageMonitor(plateau="log").gain_every == GAIN_EVERY_PLATEAU == 10
+    assert TimeAverageMonitor(plateau="decay_lr").gain_every == GAIN_EVERY_PLATEAU
+    assert TimeAverageMonitor(gain_every=7, plateau="log").gain_every == 7
+    assert TimeAverageMonitor(gain_every=0).gain_every == 0

@@ -203,7 +203,8 @@ def overhead(steps: int, repeats: int, accelerator: str) -> None:
     configs = {
         "no monitor": lambda: [],
         "monitor, gain off (gain_every=0)": lambda: [TimeAverageMonitor(gain_every=0)],
-        "monitor, defaults (gain_every=10)": lambda: [TimeAverageMonitor()],
+        "monitor, gain_every=10": lambda: [TimeAverageMonitor(gain_every=10)],
+        "monitor, defaults (gain_every=100)": lambda: [TimeAverageMonitor()],
         "monitor, gain_every=1, plateau=log": lambda: [TimeAverageMonitor(gain_every=1, plateau="log")],
     }
     best = {k: float("inf") for k in configs}

@@ -32,6 +32,16 @@ Distributed (``ddp_mode``): every rank uses its own probe batch.
 * ``"auto"`` (default): ``"global"`` when the weights are identical on every rank (DDP, or a periodic strategy
   right after a sync / during warm-up), else ``"local"`` (one all-gather of two checksums decides).
 
+Schedule: ``every_n_steps=N`` measures after every N-th optimizer step. The default (``every_n_steps=None``) is
+cost-aware: ``CALIBRATION_STEPS`` steps into a fit, one gradient and one Hessian-vector product are timed to
+estimate a measurement's cost, and each measurement is then placed at the first step where it keeps the time
+spent inside the monitor within ``max_overhead`` (default 2%) of the fit's wall time (later estimates use the
+last measurement's cost). On a cheap model that is every few dozen steps; on an expensive one the first
+measurement may come after thousands (an INFO message says when). The planned step is agreed by all ranks
+when it is planned (one all-gather at calibration and after each measurement), never per step. ``overhead``
+(seconds inside the monitor / fit seconds) and, in the cost-aware mode, ``next_step`` are logged with every
+measurement.
+
 Logged values are identical on every rank; only global rank 0 writes (through ``trainer.loggers``, at every
 measurement regardless of ``log_every_n_steps``). The monitor publishes its latest values for period schedules
 as ``trainer.lightning_opt_curvature = {"lambda_max": max over ranks, "lambda_min": min over ranks, "step":
@@ -52,19 +62,24 @@ import torch
 import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_opt._validation import check_bool, check_choice, check_float, check_int
+from lightning_opt.callbacks._budget import OverheadBudget
 from lightning_opt.distributed.buckets import all_reduce_flat, is_dist
 from lightning_opt.distributed.scalars import all_gather_vector, rank, world_size
 from lightning_opt.stats.hvp import HessianVectorProduct, flatten_tensors, trainable_named_parameters
 from lightning_opt.stats.lanczos import lanczos_extreme_eigs
 from lightning_opt.stats.smoothness import L0L1Fit, directional_curvature, local_smoothness
 
-__all__ = ["CURVATURE_ATTR", "SharpnessMonitor"]
+__all__ = ["CALIBRATION_STEPS", "CURVATURE_ATTR", "DEFAULT_MAX_OVERHEAD", "SharpnessMonitor"]
 
 CURVATURE_ATTR = "lightning_opt_curvature"
+#: Budget of the cost-aware schedule: seconds inside the monitor / fit seconds.
+DEFAULT_MAX_OVERHEAD = 0.02
+#: Optimizer steps into a fit call before the cost-aware schedule times one product (the first steps are slow).
+CALIBRATION_STEPS = 10
 
 try:  # numpy is optional; restore its RNG when present
     import numpy as _np
@@ -84,7 +99,8 @@ class SharpnessMonitor(Callback):
     """Track λ_max, λ_min of the training-loss Hessian, the edge-of-stability ratio and local smoothness.
 
     Args:
-        every_n_steps: measure after every ``every_n_steps``-th optimizer step (``trainer.global_step``), ≥ 1.
+        every_n_steps: measure after every ``every_n_steps``-th optimizer step (``trainer.global_step``), ≥ 1;
+            ``None`` (default): the cost-aware schedule (see the module docstring).
         probe: ``"fixed"`` — the first training batch this rank sees, kept for the whole run (values are
             comparable across steps; saved in checkpoints); ``"current"`` — the batch of the measured step.
         max_iter: most Lanczos iterations (Hessian-vector products) per measurement, ≥ 2; the Krylov basis
@@ -111,6 +127,8 @@ class SharpnessMonitor(Callback):
         fit_decay: forgetting factor of the running fit, in (0, 1].
         seed: seed of the monitor's own generator for Lanczos start vectors (the global RNG is not used).
         prefix: key prefix of the logged metrics (default ``"curvature"``; e.g. to run two monitors).
+        max_overhead: budget of the cost-aware schedule, in (0, 1) (default ``DEFAULT_MAX_OVERHEAD`` = 0.02);
+            only with ``every_n_steps=None``.
 
     Attributes:
         history: list of the logged dicts (plus ``"step"``), one per measurement, on every rank.
@@ -119,7 +137,7 @@ class SharpnessMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int | None = None,
         probe: str = "fixed",
         max_iter: int = 40,
         tol: float = 1e-3,
@@ -135,9 +153,19 @@ class SharpnessMonitor(Callback):
         fit_decay: float = 1.0,
         seed: int = 0,
         prefix: str = "curvature",
+        max_overhead: float | None = None,
     ) -> None:
         super().__init__()
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        if every_n_steps is not None:
+            check_int("every_n_steps", every_n_steps, 1)
+            if max_overhead is not None:
+                raise ValueError(f"`max_overhead` applies to the cost-aware schedule (every_n_steps=None); pass one "
+                                 f"of them, got every_n_steps={every_n_steps!r}, max_overhead={max_overhead!r}")
+        else:
+            max_overhead = DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead
+            max_overhead = check_float("max_overhead", max_overhead, 0.0, 1.0, low_open=True, high_open=True)
+        self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
         self.probe = check_choice("probe", probe, ("fixed", "current"))
         self.max_iter = check_int("max_iter", max_iter, 2)
         self.tol = check_float("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
@@ -177,6 +205,8 @@ class SharpnessMonitor(Callback):
         self._last_step: int | None = None
         self._published: dict[str, Any] | None = None
         self._warned: set[str] = set()
+        self._budget = OverheadBudget(max_overhead if max_overhead is not None else 1.0)
+        self._calibrate_at: int | None = None
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -194,6 +224,15 @@ class SharpnessMonitor(Callback):
         if self._published is not None:
             setattr(trainer, CURVATURE_ATTR, dict(self._published))
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._budget.start(trainer.global_step)
+        self._calibrate_at = trainer.global_step + CALIBRATION_STEPS
+
+    def _due(self, step: int) -> bool:
+        if self.every_n_steps is not None:
+            return step % self.every_n_steps == 0
+        return self._budget.next_step is not None and step >= self._budget.next_step
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.probe == "fixed" and self._probe_batch is None:
@@ -201,7 +240,7 @@ class SharpnessMonitor(Callback):
             if self._probe_batch is None:
                 self._probe_batch = _clone_batch(batch)
         target = trainer.global_step + 1
-        if self.smoothness and target % self.every_n_steps == 0 and self._snapshot_step != target:
+        if self.smoothness and self._due(target) and self._snapshot_step != target:
             params = [p for _, p in trainable_named_parameters(pl_module)]
             self._snapshot = flatten_tensors(params, torch.promote_types(params[0].dtype, torch.float32))
             self._snapshot_step = target
@@ -209,13 +248,26 @@ class SharpnessMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps != 0 or step == self._last_step:
+        if step == 0 or step == self._last_step:
+            return
+        probe_batch = self._probe_batch if self.probe == "fixed" else batch
+        if self.every_n_steps is None and self._budget.next_step is None:
+            if self._calibrate_at is not None and step >= self._calibrate_at:
+                self._last_step = step
+                self._calibrate(pl_module, probe_batch, step)
+            return
+        if not self._due(step):
             return
         self._last_step = step
-        probe_batch = self._probe_batch if self.probe == "fixed" else batch
         prev = self._snapshot if self._snapshot_step == step else None
         metrics = self.measure(pl_module, probe_batch, lr=_current_lr(trainer), prev_params=prev)
         self._snapshot, self._snapshot_step = None, None
+        seconds = metrics[f"{self.prefix}/seconds"]
+        self._budget.charge(seconds)
+        if self.every_n_steps is None:
+            self._plan(step, seconds)
+            metrics[f"{self.prefix}/next_step"] = float(self._budget.next_step)
+        metrics[f"{self.prefix}/overhead"] = self._budget.share()
         metrics_step = {"step": float(step), **metrics}
         self.history.append(metrics_step)
         self.last = metrics_step
@@ -240,15 +292,9 @@ class SharpnessMonitor(Callback):
         usable outside a Trainer). ``prev_params``: flat weights before the last update, for the smoothness
         along it. Every rank must call it when a process group is initialised (it may use collectives)."""
         t0 = time.perf_counter()
-        named = trainable_named_parameters(pl_module)
-        params = [p for _, p in named]
+        params, dtype, mode, world, reduce, loss_of = self._probe_setup(pl_module, batch)
         device = params[0].device
-        dtype = torch.promote_types(params[0].dtype, torch.float32)
-        mode = self._resolve_mode(params, dtype)
-        world = world_size() if is_dist() else 1
-        reduce = self._mean_over_ranks if (mode == "global" and world > 1) else None
         stop_reducer = self._all_agree if (mode == "global" and world > 1) else None
-        loss_of = self._make_loss(pl_module, batch)
         out: dict[str, float] = {}
         with self._preserved(pl_module, mode) as reset:
             lam_max = lam_min = grad_norm = smooth = dhd = probe_loss = math.nan
@@ -329,7 +375,57 @@ class SharpnessMonitor(Callback):
             out = {self.prefix + k[len("curvature"):]: v for k, v in out.items()}
         return out
 
+    # ------------------------------------------------------------------ cost-aware schedule
+    def _calibrate(self, pl_module: nn.Module, batch: Any, step: int) -> None:
+        """Time building the operator (one gradient) and one product on ``batch``, estimate a measurement's
+        cost from them and plan the first measurement."""
+        t0 = time.perf_counter()
+        params, dtype, mode, _, reduce, loss_of = self._probe_setup(pl_module, batch)
+        build = product = math.nan
+        with self._preserved(pl_module, mode) as reset:
+            reset()
+            t = time.perf_counter()
+            op = HessianVectorProduct(pl_module, loss_of, method=self.hvp_method, reduce=reduce, dtype=dtype)
+            op.gradient()
+            build = time.perf_counter() - t
+            v = torch.full((op.dim,), op.dim ** -0.5, device=params[0].device, dtype=dtype)
+            t = time.perf_counter()
+            op(v)
+            product = time.perf_counter() - t
+            op.release()
+        # the measurement: one operator and max_iter products (+ a gradient and a product for the smoothness)
+        extra = 1 if self.smoothness else 0
+        cost = build * (1 + extra) + product * (self.max_iter + extra)
+        self._budget.charge(time.perf_counter() - t0)
+        self._plan(step, cost)
+        per_step = self._budget.step_time(step)
+        steps = f"≈ {cost / per_step:.0f} training steps of {1000 * per_step:.3g} ms" if per_step > 0 else "?"
+        rank_zero_info(
+            f"SharpnessMonitor: one measurement is estimated at {cost:.3g} s ({steps}); to keep the monitor "
+            f"within max_overhead={self.max_overhead:g} of fit time the first one runs at step "
+            f"{self._budget.next_step} (pass every_n_steps=N for a fixed schedule).")
+
+    def _plan(self, step: int, cost: float) -> None:
+        """Plan the next measurement; every rank takes the latest step any rank asks for."""
+        ahead = self._budget.steps_until_affordable(step, cost)
+        if is_dist():
+            mine = torch.tensor([float(ahead)], dtype=torch.float64, device=_collective_device())
+            ahead = int(all_gather_vector(mine).max())
+        self._budget.cost = cost
+        self._budget.next_step = step + ahead
+
     # ------------------------------------------------------------------ helpers
+    def _probe_setup(self, pl_module: nn.Module, batch: Any) -> tuple[list[Tensor], torch.dtype, str, int,
+                                                                       Callable[[Tensor], Tensor] | None,
+                                                                       Callable[[nn.Module], Tensor]]:
+        """Parameters, working dtype, resolved DDP mode, world size, product reducer and probe loss."""
+        params = [p for _, p in trainable_named_parameters(pl_module)]
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        mode = self._resolve_mode(params, dtype)
+        world = world_size() if is_dist() else 1
+        reduce = self._mean_over_ranks if (mode == "global" and world > 1) else None
+        return params, dtype, mode, world, reduce, self._make_loss(pl_module, batch)
+
     def _make_loss(self, pl_module: nn.Module, batch: Any) -> Callable[[nn.Module], Tensor]:
         user = self.loss_fn
 
@@ -449,6 +545,7 @@ class SharpnessMonitor(Callback):
             "last_step": self._last_step,
             "published": self._published,
             "last": self.last,
+            "budget": self._budget.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -465,6 +562,8 @@ class SharpnessMonitor(Callback):
         self._last_step = state_dict.get("last_step")
         self._published = state_dict.get("published")
         self.last = state_dict.get("last")
+        if state_dict.get("budget") is not None:
+            self._budget.load_state_dict(state_dict["budget"])
 
 
 def _write_flat(flat: Tensor, params: list[Tensor]) -> None:

@@ -1,0 +1,80 @@
+"""Time accounting for expensive monitors: the share of fit time spent inside them, and when the next
+measurement becomes affordable under a budget (``max_overhead``).
+
+With S the seconds spent in measurements so far, T the fit's wall time so far (S included), C the expected
+cost of the next measurement and b the budget, the next measurement may start once S + C ≤ b·(T + C): right
+after it ends the share S/T is at most b, and it only falls until the one after. The wait is converted into
+optimizer steps with the mean step time of the current fit call (measurements excluded), so the decision is
+a step number that every rank can agree on in advance (no collective per step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class OverheadBudget:
+    """Accounts the seconds a monitor spends against the fit's wall time and plans affordable steps.
+
+    Args:
+        fraction: the budget b in (0, 1) (validated by the owner).
+        clock: seconds counter (injectable for tests).
+    """
+
+    def __init__(self, fraction: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.fraction = fraction
+        self.clock = clock
+        self.spent = 0.0  # seconds inside measurements, over all fit calls
+        self.elapsed_before = 0.0  # fit seconds of earlier fit calls (restored from checkpoints)
+        self.next_step: int | None = None  # planned measurement step; None = not planned yet
+        self.cost: float | None = None  # expected seconds of the next measurement
+        self._t0: float | None = None
+        self._step0 = 0
+        self._spent0 = 0.0
+
+    def start(self, step: int) -> None:
+        """Start the clock of a fit call (``on_train_start``) at optimizer step ``step``."""
+        self._t0, self._step0, self._spent0 = self.clock(), step, self.spent
+
+    def charge(self, seconds: float) -> None:
+        self.spent += max(0.0, seconds)
+
+    def elapsed(self) -> float:
+        """Fit wall time so far (earlier fit calls included), measurements included."""
+        return self.elapsed_before + (0.0 if self._t0 is None else self.clock() - self._t0)
+
+    def share(self) -> float:
+        """Seconds spent / fit seconds (0 before any time has passed)."""
+        total = self.elapsed()
+        return self.spent / total if total > 0 else 0.0
+
+    def step_time(self, step: int) -> float:
+        """Mean seconds per optimizer step of this fit call, measurements excluded (nan before a step)."""
+        if self._t0 is None or step <= self._step0:
+            return math.nan
+        training = (self.clock() - self._t0) - (self.spent - self._spent0)
+        return max(training, 0.0) / (step - self._step0)
+
+    def steps_until_affordable(self, step: int, cost: float) -> int:
+        """Optimizer steps from ``step`` until a measurement of ``cost`` seconds fits the budget (≥ 1)."""
+        b = self.fraction
+        wait = (self.spent + cost) / b - cost - self.elapsed()
+        per_step = self.step_time(step)
+        if wait <= 0:
+            return 1
+        if not per_step > 0:  # no timing yet (or a zero-cost step): wait at least one step
+            return 1
+        return max(1, math.ceil(wait / per_step))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spent": self.spent, "elapsed": self.elapsed(), "next_step": self.next_step, "cost": self.cost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spent = float(state.get("spent", 0.0))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.next_step = state.get("next_step")
+        self.cost = state.get("cost")
+        self._t0 = None

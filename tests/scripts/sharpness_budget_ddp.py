@@ -1,0 +1,48 @@
+"""2-process gloo DDP run of the cost-aware SharpnessMonitor schedule with rank-dependent step times; each rank
+writes the steps it measured to rank{r}.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy
+from sharpness_common import TinyNet, loader
+from torch.utils.data.distributed import DistributedSampler
+
+from lightning_opt.callbacks.sharpness import SharpnessMonitor
+
+
+class Net(TinyNet):
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.004 if self.global_rank == 0 else 0.02)  # ranks time steps (and plan) differently
+        return super().training_step(batch, batch_idx)
+
+    def train_dataloader(self):
+        base = loader(batch_size=16)
+        sampler = DistributedSampler(base.dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return torch.utils.data.DataLoader(base.dataset, batch_size=16, sampler=sampler)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    pl.seed_everything(0)
+    glob = SharpnessMonitor(max_overhead=0.3, max_iter=20)
+    loc = SharpnessMonitor(max_overhead=0.3, max_iter=20, ddp_mode="local", prefix="local")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+                         max_steps=80, logger=False, callbacks=[glob, loc], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(Net())
+    result = {"global": [h["step"] for h in glob.history], "local": [h["step"] for h in loc.history]}
+    (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""OverheadBudget: the share of fit time spent in a monitor stays within the budget, and no tighter."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lightning_opt.callbacks._budget import OverheadBudget
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _simulate(fraction: float, steps: int, seed: int) -> tuple[OverheadBudget, FakeClock, list[tuple[int, float]]]:
+    """Training steps of random length; a measurement (of known cost) whenever the budget plans one."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    budget = OverheadBudget(fraction, clock=clock)
+    budget.start(0)
+    cost = 2.0
+    shares = []
+    for step in range(1, steps + 1):
+        clock.t += rng.uniform(0.05, 0.15)
+        if step == 5:
+            budget.next_step = step + budget.steps_until_affordable(step, cost)
+        elif budget.next_step is not None and step == budget.next_step:
+            # the cost the budget planned for, measured now
+            clock.t += cost
+            budget.charge(cost)
+            shares.append((step, budget.share()))
+            budget.next_step = step + budget.steps_until_affordable(step, cost)
+    return budget, clock, shares
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.1, 0.3])
+def test_share_stays_within_the_budget_and_measures_as_often_as_it_allows(fraction):
+    budget, clock, shares = _simulate(fraction, steps=4000, seed=1)
+    assert len(shares) >= 2
+    # at the end of every measurement the share is at most the budget (up to the step-time estimate's error)
+    assert max(s for _, s in shares) <= fraction * 1.1
+    # ... and not far below it: measuring one step earlier each time would not have fitted
+    assert min(s for _, s in shares[1:]) >= fraction * 0.8
+    assert budget.share() <= fraction * 1.1
+
+
+def test_step_time_excludes_measurements_and_wait_is_exact():
+    clock = FakeClock()
+    budget = OverheadBudget(0.1, clock=clock)
+    budget.start(100)
+    assert budget.step_time(100) != budget.step_time(100)  # nan before a step
+    clock.t = 10.0  # 10 steps of 1 s
+    budget.charge(0.0)
+    assert budget.step_time(110) == pytest.approx(1.0)
+    # S + C <= b (T + C): (0 + 2) / 0.1 - 2 - 10 = 8 more seconds of training = 8 steps
+    assert budget.steps_until_affordable(110, 2.0) == 8
+    clock.t += 8.0 + 2.0
+    budget.charge(2.0)
+    assert budget.share() == pytest.approx(0.1)
+    assert budget.step_time(118) == pytest.approx(1.0)  # the 2 s measurement is not training time
+    assert budget.steps_until_affordable(118, 0.0) == 1  # free measurements are always affordable
+
+
+def test_state_round_trip_continues_the_accounting():
+    clock = FakeClock()
+    budget = OverheadBudget(0.05, clock=clock)
+    budget.start(0)
+    clock.t = 40.0
+    budget.charge(1.0)
+    budget.next_step, budget.cost = 123, 1.0
+    state = budget.state_dict()
+
+    clock2 = FakeClock()
+    clock2.t = 1000.0  # a new process: its clock origin does not matter
+    resumed = OverheadBudget(0.05, clock=clock2)
+    resumed.load_state_dict(state)
+    resumed.start(50)
+    assert (resumed.next_step, resumed.cost, resumed.spent) == (123, 1.0, 1.0)
+    assert resumed.elapsed() == pytest.approx(40.0)
+    clock2.t += 10.0
+    assert resumed.share() == pytest.approx(1.0 / 50.0)
