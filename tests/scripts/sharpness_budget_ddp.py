@@ -10,23 +10,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.strategies import DDPStrategy
-from sharpness_common import TinyNet, loader
-from torch.utils.data.distributed import DistributedSampler
+from sharpness_common import ShardedTinyNet
 
 from lightning_opt.callbacks.sharpness import SharpnessMonitor
 
 
-class Net(TinyNet):
+class Net(ShardedTinyNet):
     def training_step(self, batch, batch_idx):
         time.sleep(0.004 if self.global_rank == 0 else 0.02)  # ranks time steps (and plan) differently
         return super().training_step(batch, batch_idx)
-
-    def train_dataloader(self):
-        base = loader(batch_size=16)
-        sampler = DistributedSampler(base.dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
-        return torch.utils.data.DataLoader(base.dataset, batch_size=16, sampler=sampler)
 
 
 def main() -> None:

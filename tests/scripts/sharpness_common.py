@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from lightning_opt.stats.hvp import flat_to_tensors, flatten_tensors
 
@@ -31,6 +32,15 @@ class TinyNet(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ShardedTinyNet(TinyNet):
+    """TinyNet whose training data is split over the ranks (batch 16 per rank, unshuffled)."""
+
+    def train_dataloader(self):
+        base = loader(batch_size=16)
+        sampler = DistributedSampler(base.dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(base.dataset, batch_size=16, sampler=sampler)
 
 
 def dataset(n: int = 128, seed: int = 0) -> TensorDataset:

@@ -13,17 +13,9 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
-from sharpness_common import TinyNet, exact_hessian, loader
-from torch.utils.data.distributed import DistributedSampler
+from sharpness_common import ShardedTinyNet, exact_hessian
 
 from lightning_opt.callbacks.sharpness import CURVATURE_ATTR, SharpnessMonitor
-
-
-class Net(TinyNet):
-    def train_dataloader(self):
-        base = loader(batch_size=16)
-        sampler = DistributedSampler(base.dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
-        return torch.utils.data.DataLoader(base.dataset, batch_size=16, sampler=sampler)
 
 
 def main() -> None:
@@ -31,7 +23,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     pl.seed_everything(0)
-    model = Net()
+    model = ShardedTinyNet()
     glob = SharpnessMonitor(every_n_steps=2, max_iter=120, ddp_mode="auto")
     loc = SharpnessMonitor(every_n_steps=2, max_iter=120, ddp_mode="local", prefix="local")
     logger = TensorBoardLogger(args.out, name="tb")
