@@ -123,6 +123,17 @@ def check_bool(owner: str, name: str, value: Any, *, allow_none: bool = False) -
 # ----------------------------------------------------------------------------------------------------
 # tensor helpers
 # ----------------------------------------------------------------------------------------------------
+def check_momentum(owner: str, group: dict[str, Any]) -> float:
+    """``momentum`` in [0, 1) and ``nesterov`` a bool that needs momentum > 0."""
+    momentum = check_beta(owner, "momentum", group["momentum"])
+    if check_bool(owner, "nesterov", group["nesterov"]) and momentum == 0:
+        raise ValueError(
+            f"{owner}: invalid nesterov=True with momentum={group['momentum']!r}; "
+            "Nesterov momentum needs momentum in (0, 1)"
+        )
+    return momentum
+
+
 def state_dtype(p: Tensor) -> torch.dtype:
     """Dtype of the optimizer state (and of the update arithmetic) for parameter ``p``."""
     return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
@@ -243,9 +254,10 @@ def sgd_update(
 class ClipOptimizerBase(Optimizer):
     """Base of the package's optimizers: validation hooks, non-finite policy, stats, checkpoint extras.
 
-    Subclasses implement :meth:`_validate_group` (raise ``ValueError`` on invalid hyperparameters) and
-    ``step``; they call :meth:`_collect` to get ``(params, grads)`` per group and :meth:`_check_finite`
-    on the global gradient norm before writing anything.
+    Subclasses implement :meth:`_validate_hyper` (raise ``ValueError`` on invalid algorithm-specific
+    hyperparameters; ``lr``, ``weight_decay``, ``maximize`` and ``foreach`` are checked here) and ``step``;
+    they call :meth:`_collect` to get ``(params, grads)`` per group and :meth:`_check_finite` on the global
+    gradient norm before writing anything.
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "skip") -> None:
@@ -260,7 +272,15 @@ class ClipOptimizerBase(Optimizer):
         super().__init__(params, defaults)
 
     # -- hyperparameters -----------------------------------------------------------------------------------
-    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        check_nonneg(name, "lr", group["lr"])
+        self._validate_hyper(name, group)
+        check_nonneg(name, "weight_decay", group["weight_decay"])
+        check_bool(name, "maximize", group["maximize"])
+        check_bool(name, "foreach", group["foreach"], allow_none=True)
+
+    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

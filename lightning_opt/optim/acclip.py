@@ -12,9 +12,7 @@ from lightning_opt.optim._common import (
     ClipOptimizerBase,
     buckets,
     check_beta,
-    check_bool,
     check_interval,
-    check_nonneg,
     check_positive,
     pick,
     state_dtype,
@@ -119,9 +117,7 @@ class ACClip(ClipOptimizerBase):
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        check_nonneg(name, "lr", group["lr"])
+    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{name}: invalid betas={betas!r}; expected a pair (beta1, beta2) in [0, 1)")
@@ -129,9 +125,6 @@ class ACClip(ClipOptimizerBase):
         check_beta(name, "betas[1]", betas[1])
         check_interval(name, "alpha", group["alpha"], 0.0, 2.0, low_open=True, high_open=False)
         check_positive(name, "eps", group["eps"])
-        check_nonneg(name, "weight_decay", group["weight_decay"])
-        check_bool(name, "maximize", group["maximize"])
-        check_bool(name, "foreach", group["foreach"], allow_none=True)
 
     def _states(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         ms, ts = [], []

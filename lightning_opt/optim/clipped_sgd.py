@@ -11,10 +11,8 @@ from torch import Tensor
 from lightning_opt.optim._common import (
     ClipOptimizerBase,
     buckets,
-    check_beta,
-    check_bool,
     check_choice,
-    check_nonneg,
+    check_momentum,
     check_positive,
     pick,
     sgd_update,
@@ -95,26 +93,15 @@ class ClippedSGD(ClipOptimizerBase):
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        check_nonneg(name, "lr", group["lr"])
+    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
         check_positive(name, "max_norm", group["max_norm"])
-        momentum = check_beta(name, "momentum", group["momentum"])
-        check_nonneg(name, "weight_decay", group["weight_decay"])
+        check_momentum(name, group)
         check_choice(name, "scope", group["scope"], SCOPES)
         if hasattr(self, "defaults") and group["scope"] != self.defaults["scope"]:
             raise ValueError(
                 f"{name}: invalid scope={group['scope']!r} in a param group; the scope is optimizer-wide "
                 f"(accepted: the constructor's scope={self.defaults['scope']!r})"
             )
-        nesterov = check_bool(name, "nesterov", group["nesterov"])
-        if nesterov and momentum == 0:
-            raise ValueError(
-                f"{name}: invalid nesterov=True with momentum={group['momentum']!r}; "
-                "Nesterov momentum needs momentum in (0, 1)"
-            )
-        check_bool(name, "maximize", group["maximize"])
-        check_bool(name, "foreach", group["foreach"], allow_none=True)
 
     def _bufs(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         if group["momentum"] == 0:

@@ -14,7 +14,6 @@ from lightning_opt.optim._common import (
     ClipOptimizerBase,
     buckets,
     check_beta,
-    check_bool,
     check_nonneg,
     pick,
     state_dtype,
@@ -104,9 +103,7 @@ class StochasticINGD(ClipOptimizerBase):
         self._generator.manual_seed(int(seed) if seed is not None else torch.initial_seed())
         self._swapped = False
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        check_nonneg(name, "lr", group["lr"])
+    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
         check_beta(name, "beta", group["beta"])
         p = check_nonneg(name, "p", group["p"])
         q = check_nonneg(name, "q", group["q"])
@@ -115,9 +112,6 @@ class StochasticINGD(ClipOptimizerBase):
                 f"{name}: invalid p={group['p']!r}, q={group['q']!r}; accepted range: p >= 0, q >= 0 "
                 "and p + q > 0 (the step is lr / (p * ||m|| + q))"
             )
-        check_nonneg(name, "weight_decay", group["weight_decay"])
-        check_bool(name, "maximize", group["maximize"])
-        check_bool(name, "foreach", group["foreach"], allow_none=True)
 
     # -- the iterate x ------------------------------------------------------------------------------------
     @property

@@ -10,8 +10,7 @@ from torch import Tensor
 
 from lightning_opt.optim._common import (
     ClipOptimizerBase,
-    check_beta,
-    check_bool,
+    check_momentum,
     check_nonneg,
     sgd_update,
     state_dtype,
@@ -77,19 +76,9 @@ class NormalizedSGD(ClipOptimizerBase):
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        check_nonneg(name, "lr", group["lr"])
+    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
         check_nonneg(name, "beta", group["beta"])
-        momentum = check_beta(name, "momentum", group["momentum"])
-        check_nonneg(name, "weight_decay", group["weight_decay"])
-        if check_bool(name, "nesterov", group["nesterov"]) and momentum == 0:
-            raise ValueError(
-                f"{name}: invalid nesterov=True with momentum={group['momentum']!r}; "
-                "Nesterov momentum needs momentum in (0, 1)"
-            )
-        check_bool(name, "maximize", group["maximize"])
-        check_bool(name, "foreach", group["foreach"], allow_none=True)
+        check_momentum(name, group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
