@@ -1,7 +1,6 @@
 """Curvature-adaptive synchronisation period for Local SGD / Lookahead.
 
-Seed: curvature paper, Thm 6.7 (Local SGD converges if γL⁺ = O(1) and γτL⁻ = O(1)) and Cor. 5.4 (Lookahead:
-    the
+Seed: curvature paper, Thm 6.7 (Local SGD converges if γL⁺ = O(1) and γτL⁻ = O(1)) and Cor. 5.4 (Lookahead: the
 horizon s = γτ may grow up to O(1/L⁻), independently of the positive curvature). L⁻ is the lower smoothness,
 ∇²f ⪰ −L⁻ I, i.e. L⁻ = max(0, −λ_min(∇²f)). Hence the longest safe period at learning rate γ is
 τ = c / (γ L⁻).
@@ -33,6 +32,10 @@ class CurvatureAdaptivePeriod(PeriodSchedule):
             = 0.
         default_period: period before the first measurement (and when the published value is not finite);
             default ``min_period`` (synchronise often until the curvature is known).
+
+    The period adapts only as often as the monitor measures: with ``SharpnessMonitor``'s cost-aware default
+    schedule the first measurement may come thousands of steps in (``default_period`` until then); pass the
+    monitor ``every_n_steps`` (or a larger ``max_overhead``) to adapt earlier.
 
     The schedule remembers the last measurement it used (``state_dict``), so a resumed run keeps its period
     until the monitor publishes again. It reads the value published on the trainer, which the monitor makes
