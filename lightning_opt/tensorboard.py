@@ -34,6 +34,7 @@ def dashboard_layout() -> Layout:
             "lambda_min": ["Multiline", ["curvature/lambda_min"]],
             "ratios": ["Multiline", ["curvature/eos_ratio", "curvature/neg_pos_ratio"]],
             "smoothness": ["Multiline", [r"curvature/smoothness.*", r"curvature/L0", r"curvature/L1"]],
+            "monitor cost (share of fit time)": ["Multiline", ["curvature/overhead"]],
         },
         "Noise": {
             "noise norm": ["Multiline", ["noise/norm", "noise/b_simple"]],
