@@ -84,3 +84,16 @@ def test_state_round_trip_continues_the_accounting():
     assert resumed.elapsed() == pytest.approx(40.0)
     clock2.t += 10.0
     assert resumed.share() == pytest.approx(1.0 / 50.0)
+
+
+def test_stop_folds_the_fit_time_into_the_total():
+    clock = FakeClock()
+    budget = OverheadBudget(0.1, clock=clock)
+    budget.start(0)
+    clock.t = 5.0
+    budget.stop()
+    clock.t = 100.0  # time between fit calls is not fit time
+    assert budget.elapsed() == pytest.approx(5.0)
+    budget.start(10)
+    clock.t = 103.0
+    assert budget.elapsed() == pytest.approx(8.0)

@@ -229,7 +229,17 @@ def test_cost_aware_default_defers_an_unaffordable_measurement(tmp_path, monkeyp
     _trainer(tmp_path, [mon], max_steps=40).fit(TinyNet(), loader())
     assert mon.history == []
     assert mon._budget.next_step > 40
-    assert len(messages) == 1 and f"first one runs at step {mon._budget.next_step}" in messages[0]
+    assert len(messages) == 2 and f"first one runs at step {mon._budget.next_step}" in messages[0]
+    assert "no measurement in this fit" in messages[1] and f"step {mon._budget.next_step}" in messages[1]
+
+
+def test_cost_aware_schedule_says_when_a_fit_is_too_short_to_calibrate(tmp_path, monkeypatch):
+    messages = []
+    monkeypatch.setattr("lightning_opt.callbacks.sharpness.rank_zero_info", messages.append)
+    mon = SharpnessMonitor()
+    _trainer(tmp_path, [mon], max_steps=CALIBRATION_STEPS - 1).fit(TinyNet(), loader())
+    assert mon.history == [] and mon._budget.next_step is None
+    assert len(messages) == 1 and f"calibrates after {CALIBRATION_STEPS} steps" in messages[0]
 
 
 def test_cost_aware_schedule_is_checkpointed(tmp_path):
@@ -242,6 +252,11 @@ def test_cost_aware_schedule_is_checkpointed(tmp_path):
     assert resumed._budget.next_step == mon._budget.next_step > 40
     assert resumed._budget.spent == pytest.approx(mon._budget.spent)
     assert resumed._budget.elapsed() == pytest.approx(state["budget"]["elapsed"])
+    # a second fit with the same monitor continues the accounting (no recalibration, elapsed time kept)
+    before = mon._budget.elapsed()
+    assert before > 0 and mon._budget._t0 is None  # the clock stopped with the fit
+    _trainer(tmp_path, [mon], max_steps=45).fit(SlowNet(), loader())
+    assert mon._budget.elapsed() > before
 
 
 def test_cost_aware_schedule_agrees_across_ranks_with_different_step_times(out_dir):

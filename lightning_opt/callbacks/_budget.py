@@ -39,6 +39,11 @@ class OverheadBudget:
         """Start the clock of a fit call (``on_train_start``) at optimizer step ``step``."""
         self._t0, self._step0, self._spent0 = self.clock(), step, self.spent
 
+    def stop(self) -> None:
+        """Stop the clock at the end of a fit call (a later fit continues the accounting)."""
+        self.elapsed_before = self.elapsed()
+        self._t0 = None
+
     def charge(self, seconds: float) -> None:
         self.spent += max(0.0, seconds)
 

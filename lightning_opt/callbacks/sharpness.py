@@ -207,6 +207,7 @@ class SharpnessMonitor(Callback):
         self._warned: set[str] = set()
         self._budget = OverheadBudget(max_overhead if max_overhead is not None else 1.0)
         self._calibrate_at: int | None = None
+        self._measured_this_fit = 0
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -227,6 +228,16 @@ class SharpnessMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._budget.start(trainer.global_step)
         self._calibrate_at = trainer.global_step + CALIBRATION_STEPS
+        self._measured_this_fit = 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._budget.stop()
+        if self.every_n_steps is None and self._measured_this_fit == 0:
+            planned = self._budget.next_step
+            why = (f"the next one is planned at step {planned}" if planned is not None else
+                   f"the cost-aware schedule calibrates after {CALIBRATION_STEPS} steps of a fit")
+            rank_zero_info(f"SharpnessMonitor: no measurement in this fit (max_overhead={self.max_overhead:g}; "
+                           f"{why}); pass every_n_steps=N for a fixed schedule.")
 
     def _due(self, step: int) -> bool:
         if self.every_n_steps is not None:
@@ -262,6 +273,7 @@ class SharpnessMonitor(Callback):
         prev = self._snapshot if self._snapshot_step == step else None
         metrics = self.measure(pl_module, probe_batch, lr=_current_lr(trainer), prev_params=prev)
         self._snapshot, self._snapshot_step = None, None
+        self._measured_this_fit += 1
         seconds = metrics[f"{self.prefix}/seconds"]
         self._budget.charge(seconds)
         if self.every_n_steps is None:
