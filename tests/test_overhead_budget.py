@@ -86,6 +86,29 @@ def test_state_round_trip_continues_the_accounting():
     assert resumed.share() == pytest.approx(1.0 / 50.0)
 
 
+def test_marked_step_time_leaves_the_slow_first_steps_out():
+    clock = FakeClock()
+    budget = OverheadBudget(0.02, clock=clock)
+    budget.start(0)
+    clock.t = 60.0  # step 1: compilation, autotuning, data loader start-up
+    for step in range(2, 11):
+        clock.t += 0.1
+        if step == 5:
+            budget.mark(step)
+    assert budget.step_time(10) == pytest.approx(0.1)
+    # the wait for a 2 s measurement is counted in 0.1 s steps: (0 + 2) / 0.02 - 2 - 60.9 = 37.1 s
+    assert budget.steps_until_affordable(10, 2.0) == 371
+
+
+def test_reset_forgets_the_run():
+    budget = OverheadBudget(0.1, clock=FakeClock())
+    budget.start(0)
+    budget.charge(3.0)
+    budget.next_step, budget.cost = 9, 3.0
+    budget.reset()
+    assert (budget.spent, budget.next_step, budget.cost, budget.elapsed()) == (0.0, None, None, 0.0)
+
+
 def test_stop_folds_the_fit_time_into_the_total():
     clock = FakeClock()
     budget = OverheadBudget(0.1, clock=clock)

@@ -4,8 +4,9 @@ measurement becomes affordable under a budget (``max_overhead``).
 With S the seconds spent in measurements so far, T the fit's wall time so far (S included), C the expected
 cost of the next measurement and b the budget, the next measurement may start once S + C ≤ b·(T + C): right
 after it ends the share S/T is at most b, and it only falls until the one after. The wait is converted into
-optimizer steps with the mean step time of the current fit call (measurements excluded), so the decision is
-a step number that every rank can agree on in advance (no collective per step).
+optimizer steps with the mean step time since the last :meth:`OverheadBudget.mark` (measurements excluded; the
+owner marks after the slow first steps of a fit and at every plan, so the estimate follows recent steps), so the
+decision is a step number that every rank can agree on in advance (no collective per step).
 """
 
 from __future__ import annotations
@@ -32,17 +33,26 @@ class OverheadBudget:
         self.next_step: int | None = None  # planned measurement step; None = not planned yet
         self.cost: float | None = None  # expected seconds of the next measurement
         self._t0: float | None = None
-        self._step0 = 0
-        self._spent0 = 0.0
+        self._mark: tuple[float, int, float] | None = None  # (clock, step, spent) where step_time starts
 
     def start(self, step: int) -> None:
         """Start the clock of a fit call (``on_train_start``) at optimizer step ``step``."""
-        self._t0, self._step0, self._spent0 = self.clock(), step, self.spent
+        self._t0 = self.clock()
+        self.mark(step)
+
+    def mark(self, step: int) -> None:
+        """Measure the step time from here on (e.g. after a fit's slow first steps)."""
+        self._mark = (self.clock(), step, self.spent)
+
+    def reset(self) -> None:
+        """Forget everything (a new run)."""
+        self.spent, self.elapsed_before, self.next_step, self.cost = 0.0, 0.0, None, None
+        self._t0 = self._mark = None
 
     def stop(self) -> None:
         """Stop the clock at the end of a fit call (a later fit continues the accounting)."""
         self.elapsed_before = self.elapsed()
-        self._t0 = None
+        self._t0 = self._mark = None
 
     def charge(self, seconds: float) -> None:
         self.spent += max(0.0, seconds)
@@ -57,11 +67,12 @@ class OverheadBudget:
         return self.spent / total if total > 0 else 0.0
 
     def step_time(self, step: int) -> float:
-        """Mean seconds per optimizer step of this fit call, measurements excluded (nan before a step)."""
-        if self._t0 is None or step <= self._step0:
+        """Mean seconds per optimizer step since the last mark, measurements excluded (nan before a step)."""
+        if self._mark is None or step <= self._mark[1]:
             return math.nan
-        training = (self.clock() - self._t0) - (self.spent - self._spent0)
-        return max(training, 0.0) / (step - self._step0)
+        t, s, spent = self._mark
+        training = (self.clock() - t) - (self.spent - spent)
+        return max(training, 0.0) / (step - s)
 
     def steps_until_affordable(self, step: int, cost: float) -> int:
         """Optimizer steps from ``step`` until a measurement of ``cost`` seconds fits the budget (≥ 1)."""
@@ -82,4 +93,4 @@ class OverheadBudget:
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.next_step = state.get("next_step")
         self.cost = state.get("cost")
-        self._t0 = None
+        self._t0 = self._mark = None

@@ -42,10 +42,11 @@ when it is planned (one all-gather at calibration and after each measurement), n
 (seconds inside the monitor / fit seconds) and, in the cost-aware mode, ``next_step`` are logged with every
 measurement.
 
-Logged values are identical on every rank; only global rank 0 writes (through ``trainer.loggers``, at every
-measurement regardless of ``log_every_n_steps``). The monitor publishes its latest values for period schedules
-as ``trainer.lightning_opt_curvature = {"lambda_max": max over ranks, "lambda_min": min over ranks, "step":
-int}`` (the conservative bounds on L⁺ and L⁻; identical on every rank).
+Logged values are identical on every rank (``seconds`` and ``overhead`` are maxima over ranks); only global rank 0
+writes (through ``trainer.loggers``, at every measurement regardless of ``log_every_n_steps``). The monitor
+publishes its latest values for period schedules as ``trainer.lightning_opt_curvature = {"lambda_max": max over
+ranks, "lambda_min": min over ranks, "step": int}`` (the conservative bounds on L⁺ and L⁻; identical on every
+rank).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ __all__ = ["CALIBRATION_STEPS", "CURVATURE_ATTR", "DEFAULT_MAX_OVERHEAD", "Sharp
 CURVATURE_ATTR = "lightning_opt_curvature"
 #: Budget of the cost-aware schedule: seconds inside the monitor / fit seconds.
 DEFAULT_MAX_OVERHEAD = 0.02
-#: Optimizer steps into a fit call before the cost-aware schedule times one product (the first steps are slow).
+#: Optimizer steps into a fit call before the cost-aware schedule times one product; the step time is measured
+#: over the second half of them (the first steps of a fit are slow: compilation, autotuning, data loader start).
 CALIBRATION_STEPS = 10
 
 try:  # numpy is optional; restore its RNG when present
@@ -207,6 +209,7 @@ class SharpnessMonitor(Callback):
         self._warned: set[str] = set()
         self._budget = OverheadBudget(max_overhead if max_overhead is not None else 1.0)
         self._calibrate_at: int | None = None
+        self._mark_at: int | None = None
         self._measured_this_fit = 0
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -226,8 +229,13 @@ class SharpnessMonitor(Callback):
             setattr(trainer, CURVATURE_ATTR, dict(self._published))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_step is not None and trainer.global_step < self._last_step:
+            # a new run (a fresh Trainer) with this monitor: its step numbers and timings do not apply
+            self._budget.reset()
+            self._last_step = None
         self._budget.start(trainer.global_step)
         self._calibrate_at = trainer.global_step + CALIBRATION_STEPS
+        self._mark_at = trainer.global_step + CALIBRATION_STEPS // 2
         self._measured_this_fit = 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -261,6 +269,8 @@ class SharpnessMonitor(Callback):
         step = trainer.global_step
         if step == 0 or step == self._last_step:
             return
+        if step == self._mark_at:
+            self._budget.mark(step)  # the step time leaves the fit's slow first steps out
         probe_batch = self._probe_batch if self.probe == "fixed" else batch
         if self.every_n_steps is None and self._budget.next_step is None:
             if self._calibrate_at is not None and step >= self._calibrate_at:
@@ -274,12 +284,13 @@ class SharpnessMonitor(Callback):
         metrics = self.measure(pl_module, probe_batch, lr=_current_lr(trainer), prev_params=prev)
         self._snapshot, self._snapshot_step = None, None
         self._measured_this_fit += 1
-        seconds = metrics[f"{self.prefix}/seconds"]
-        self._budget.charge(seconds)
-        if self.every_n_steps is None:
-            self._plan(step, seconds)
+        self._budget.charge(metrics[f"{self.prefix}/seconds"])
+        ahead, share, seconds = self._agree(step, metrics[f"{self.prefix}/seconds"])
+        metrics[f"{self.prefix}/seconds"] = seconds
+        if ahead is not None:
+            self._set_plan(step, ahead, seconds)
             metrics[f"{self.prefix}/next_step"] = float(self._budget.next_step)
-        metrics[f"{self.prefix}/overhead"] = self._budget.share()
+        metrics[f"{self.prefix}/overhead"] = share
         metrics_step = {"step": float(step), **metrics}
         self.history.append(metrics_step)
         self.last = metrics_step
@@ -413,22 +424,30 @@ class SharpnessMonitor(Callback):
         extra = 1 if self.smoothness else 0
         cost = build * (1 + extra) + product * (self.max_iter + extra)
         self._budget.charge(time.perf_counter() - t0)
-        self._plan(step, cost)
         per_step = self._budget.step_time(step)
+        ahead, _, cost = self._agree(step, cost)
+        self._set_plan(step, ahead, cost)
         steps = f"≈ {cost / per_step:.0f} training steps of {1000 * per_step:.3g} ms" if per_step > 0 else "?"
         rank_zero_info(
             f"SharpnessMonitor: one measurement is estimated at {cost:.3g} s ({steps}); to keep the monitor "
             f"within max_overhead={self.max_overhead:g} of fit time the first one runs at step "
             f"{self._budget.next_step} (pass every_n_steps=N for a fixed schedule).")
 
-    def _plan(self, step: int, cost: float) -> None:
-        """Plan the next measurement; every rank takes the latest step any rank asks for."""
-        ahead = self._budget.steps_until_affordable(step, cost)
+    def _agree(self, step: int, cost: float) -> tuple[int | None, float, float]:
+        """Steps until the next measurement is affordable (cost-aware schedule; else None), the share of fit
+        time spent in the monitor and ``cost``, each the max over ranks (one all-gather), so every rank plans
+        the same step and logs the same values."""
+        ahead = self._budget.steps_until_affordable(step, cost) if self.every_n_steps is None else 0
+        mine = torch.tensor([float(ahead), self._budget.share(), cost], dtype=torch.float64)
         if is_dist():
-            mine = torch.tensor([float(ahead)], dtype=torch.float64, device=_collective_device())
-            ahead = int(all_gather_vector(mine).max())
+            mine = all_gather_vector(mine.to(_collective_device())).amax(0).cpu()
+        ahead_all, share, cost_all = mine.tolist()
+        return (int(ahead_all) if self.every_n_steps is None else None), share, cost_all
+
+    def _set_plan(self, step: int, ahead: int, cost: float) -> None:
         self._budget.cost = cost
         self._budget.next_step = step + ahead
+        self._budget.mark(step)  # the next plan's step time: the steps between now and then
 
     # ------------------------------------------------------------------ helpers
     def _probe_setup(self, pl_module: nn.Module, batch: Any) -> tuple[list[Tensor], torch.dtype, str, int,

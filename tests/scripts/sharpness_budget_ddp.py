@@ -18,7 +18,9 @@ from lightning_opt.callbacks.sharpness import SharpnessMonitor
 
 class Net(ShardedTinyNet):
     def training_step(self, batch, batch_idx):
-        time.sleep(0.004 if self.global_rank == 0 else 0.02)  # ranks time steps (and plan) differently
+        # the probe loss runs training_step too, so rank 1's calibration and measurements take longer and the
+        # ranks would plan different steps if they did not agree
+        time.sleep(0.004 if self.global_rank == 0 else 0.02)
         return super().training_step(batch, batch_idx)
 
 
@@ -27,8 +29,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     pl.seed_everything(0)
-    glob = SharpnessMonitor(max_overhead=0.3, max_iter=20)
-    loc = SharpnessMonitor(max_overhead=0.3, max_iter=20, ddp_mode="local", prefix="local")
+    glob = SharpnessMonitor(max_overhead=0.5, max_iter=20)
+    loc = SharpnessMonitor(max_overhead=0.5, max_iter=20, ddp_mode="local", prefix="local")
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=60)),
                          max_steps=80, logger=False, callbacks=[glob, loc], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
