@@ -57,13 +57,21 @@ def test_step_time_excludes_measurements_and_wait_is_exact():
     clock.t = 10.0  # 10 steps of 1 s
     budget.charge(0.0)
     assert budget.step_time(110) == pytest.approx(1.0)
-    # S + C <= b (T + C): (0 + 2) / 0.1 - 2 - 10 = 8 more seconds of training = 8 steps
-    assert budget.steps_until_affordable(110, 2.0) == 8
-    clock.t += 8.0 + 2.0
+    # S + C <= b (T + C) allows it after (0 + 2) / 0.1 - 2 - 10 = 8 more seconds of training, but one measurement
+    # needs 2 (1 - 0.1) / 0.1 = 18 s of training at share 0.1: no burst on slack
+    assert budget.steps_until_affordable(110, 2.0) == 18
+    clock.t = 30.0  # 18 steps of training, then the 2 s measurement, at step 128
     budget.charge(2.0)
-    assert budget.share() == pytest.approx(0.1)
-    assert budget.step_time(118) == pytest.approx(1.0)  # the 2 s measurement is not training time
-    assert budget.steps_until_affordable(118, 0.0) == 1  # free measurements are always affordable
+    assert budget.share() == pytest.approx(2.0 / 30.0)
+    assert budget.step_time(128) == pytest.approx(1.0)  # the 2 s measurement is not training time
+    # a 6 s one next: the budget allows it after (2 + 6) / 0.1 - 6 - 30 = 44 s, the spacing after 6 * 0.9 / 0.1 = 54 s
+    assert budget.steps_until_affordable(128, 6.0) == 54
+    # after an expensive surprise the budget binds: (2 + 10 + 2) / 0.1 - 2 - 30 = 108 s > 18 s
+    clock.t = 40.0
+    budget.charge(10.0)
+    budget.mark(128)
+    clock.t = 41.0  # one more 1 s step
+    assert budget.steps_until_affordable(129, 2.0) == round((14 / 0.1 - 2 - 41) / 1.0)
 
 
 def test_state_round_trip_continues_the_accounting():
@@ -96,8 +104,8 @@ def test_marked_step_time_leaves_the_slow_first_steps_out():
         if step == 5:
             budget.mark(step)
     assert budget.step_time(10) == pytest.approx(0.1)
-    # the wait for a 2 s measurement is counted in 0.1 s steps: (0 + 2) / 0.02 - 2 - 60.9 = 37.1 s
-    assert budget.steps_until_affordable(10, 2.0) == 371
+    # the wait for a 2 s measurement is counted in 0.1 s steps: max((0 + 2) / 0.02 - 2 - 60.9, 2 * 0.98 / 0.02) = 98 s
+    assert budget.steps_until_affordable(10, 2.0) == 980
 
 
 def test_reset_forgets_the_run():

@@ -3,7 +3,9 @@ measurement becomes affordable under a budget (``max_overhead``).
 
 With S the seconds spent in measurements so far, T the fit's wall time so far (S included), C the expected
 cost of the next measurement and b the budget, the next measurement may start once S + C ≤ b·(T + C): right
-after it ends the share S/T is at most b, and it only falls until the one after. The wait is converted into
+after it ends the share S/T is at most b, and it only falls until the one after. It also waits at least the
+training time C·(1 − b)/b that one measurement needs at share b, so slack left by an overestimated cost is not
+spent in a burst of back-to-back measurements. The wait is converted into
 optimizer steps with the mean step time since the last :meth:`OverheadBudget.mark` (measurements excluded; the
 owner marks after the slow first steps of a fit and at every plan, so the estimate follows recent steps), so the
 decision is a step number that every rank can agree on in advance (no collective per step).
@@ -77,7 +79,7 @@ class OverheadBudget:
     def steps_until_affordable(self, step: int, cost: float) -> int:
         """Optimizer steps from ``step`` until a measurement of ``cost`` seconds fits the budget (≥ 1)."""
         b = self.fraction
-        wait = (self.spent + cost) / b - cost - self.elapsed()
+        wait = max((self.spent + cost) / b - cost - self.elapsed(), cost * (1 - b) / b)
         per_step = self.step_time(step)
         if wait <= 0:
             return 1
