@@ -37,6 +37,7 @@ from lightning_opt.distributed import (
     nbytes,
     write_back,
 )
+from lightning_opt.distributed.overlap import OverlappedGradSum
 from lightning_opt.strategies._validate import as_timeout, check_bool, check_choice, check_float, check_int
 from lightning_opt.strategies.schedules import PeriodSchedule, as_schedule
 
@@ -94,12 +95,19 @@ class PeriodicSyncStrategy(DDPStrategy):
         self._in_sync = True
         self._restored: dict[str, Any] | None = None
         self._stash: list[Tensor] | None = None
+        self._grad_sums: dict[int, OverlappedGradSum] = {}
 
     # ------------------------------------------------------------------ setup
     def configure_ddp(self) -> None:
         """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
         if is_dist():
             broadcast_flat(self._module_tensors(), src=0, cap_mb=self.bucket_cap_mb)
+
+    def teardown(self) -> None:
+        for summer in self._grad_sums.values():
+            summer.remove()
+        self._grad_sums.clear()
+        super().teardown()
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -210,18 +218,35 @@ class PeriodicSyncStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ warmup gradient averaging
     def _averaging_closure(self, closure: Callable[[], Any], idx: int, step: int) -> Callable[[], Any]:
+        summer = self._grad_sum(idx)
+
         def wrapped() -> Any:
-            out = closure()
-            self._average_grads(idx, step)
+            summer.arm()  # buckets are all-reduced while backward runs (see distributed/overlap.py)
+            try:
+                out = closure()
+            except BaseException:
+                summer.finish()  # every rank issued the same collectives: complete them before raising
+                raise
+            self._average_grads(idx, step, summer)
             return out
 
         return wrapped
 
-    def _average_grads(self, idx: int, step: int) -> None:
+    def _grad_sum(self, idx: int) -> OverlappedGradSum:
         params = [p for p in self._opt_params(idx) if p.requires_grad]
+        summer = self._grad_sums.get(idx)
+        if summer is None or len(summer.params) != len(params) or any(
+                a is not b for a, b in zip(summer.params, params)):
+            if summer is not None:
+                summer.remove()
+            summer = self._grad_sums[idx] = OverlappedGradSum(params, self.bucket_cap_mb, self.meter)
+        return summer
+
+    def _average_grads(self, idx: int, step: int, summer: OverlappedGradSum) -> None:
+        params = summer.params
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-        good, buckets, counts = self._reduce_with_flags(grads, "gradients", step, payload=has_grad)
+        good, buckets, counts = self._reduce_with_flags(grads, "gradients", step, payload=has_grad, summed=summer)
         write_back(buckets, grads, 1.0 / good)
         for p, g, c in zip(params, grads, counts.tolist()):
             if p.grad is None and c > 0:
@@ -229,24 +254,31 @@ class PeriodicSyncStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ averaging with the non-finite policy
     def _reduce_with_flags(
-        self, tensors: list[Tensor], what: str, step: int, payload: Tensor | None = None
+        self, tensors: list[Tensor], what: str, step: int, payload: Tensor | None = None,
+        summed: OverlappedGradSum | None = None,
     ) -> tuple[int, list, Tensor]:
         """Sum ``tensors`` over ranks in flat buckets (not written back) with one extra tiny all-reduce carrying
         the per-rank non-finite flags (and an optional ``payload`` vector, summed). Applies the policy: ``raise``
         raises :class:`NonFiniteError` on every rank naming the ranks and step; ``drop`` excludes those ranks'
-        contributions. Returns (number of contributing ranks, buckets, summed payload)."""
+        contributions. ``summed``: the sums were already launched during backward (``tensors`` are its
+        parameters' gradients); they are redone here only if some rank must be excluded or a gradient changed
+        after its bucket left. Returns (number of contributing ranks, buckets, summed payload)."""
         device = tensors[0].device
         local_bad = bool(torch.stack([~torch.isfinite(t).all() for t in tensors]).any()) if tensors else False
         contribute = not (local_bad and self.nonfinite == "drop")
         src = tensors if contribute else [torch.zeros_like(t) for t in tensors]
-        buckets = all_reduce_flat(src, meter=self.meter, cap_mb=self.bucket_cap_mb)
-        flags = torch.zeros(self.world + (0 if payload is None else payload.numel()), device=device)
+        buckets = summed.finish() if summed is not None else all_reduce_flat(src, meter=self.meter,
+                                                                             cap_mb=self.bucket_cap_mb)
+        flags = torch.zeros(self.world + 1 + (0 if payload is None else payload.numel()), device=device)
         flags[self.rank] = float(local_bad)
+        flags[self.world] = float(summed is not None and summed.late)
         if payload is not None:
-            flags[self.world:] = payload
+            flags[self.world + 1:] = payload
         dist.all_reduce(flags)
         self.meter.add(flags.numel() * flags.element_size(), 0.0)
         bad = [int(r) for r in torch.nonzero(flags[: self.world]).flatten().tolist()]
+        if summed is not None and ((bad and self.nonfinite == "drop") or flags[self.world] > 0):
+            buckets = all_reduce_flat(src, meter=self.meter, cap_mb=self.bucket_cap_mb)
         if bad and self.nonfinite == "raise":
             raise NonFiniteError(
                 f"non-finite {what} on rank(s) {bad} at optimizer step {step}; refusing to average them into "
@@ -264,7 +296,7 @@ class PeriodicSyncStrategy(DDPStrategy):
             warnings.warn(f"rank {self.rank}: non-finite {what} at optimizer step {step}; excluded from the "
                           "average and reset to the consensus (its optimizer state is cleared)", stacklevel=2)
             self._on_dropped()
-        return good, buckets, flags[self.world:]
+        return good, buckets, flags[self.world + 1:]
 
     def _on_dropped(self) -> None:
         for opt in self.optimizers:

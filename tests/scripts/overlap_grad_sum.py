@@ -1,0 +1,92 @@
+"""Raw gloo process group (no Lightning): OverlappedGradSum against a plain all-reduce of the gradients.
+
+Each rank prints one ``RESULT {json}`` line."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_opt.distributed.overlap import OverlappedGradSum
+
+
+def reference(params):
+    out = []
+    for p in params:
+        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        out.append(g)
+    return out
+
+
+def compare(buckets, params, ref) -> float:
+    err = 0.0
+    for idx, flat in buckets:
+        offset = 0
+        for i in idx:
+            n = params[i].numel()
+            err = max(err, float((flat[offset:offset + n] - ref[i].reshape(-1)).abs().max()))
+            offset += n
+    return err
+
+
+def main() -> None:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    # 4 x 1 MB layers: several buckets at cap 1 MB, so some leave while backward still runs
+    model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 512),
+                          nn.Tanh(), nn.Linear(512, 512))
+    extra = nn.Parameter(torch.ones(3))
+    params = [*model.parameters(), extra]
+    summer = OverlappedGradSum(params, cap_mb=1.0)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(8, 512)
+    result = {"buckets": len(summer.buckets)}
+
+    def loss(use_extra: bool):
+        out = model(x).square().mean()
+        return out + extra.sum() * (rank + 1) if use_extra else out
+
+    # a) every parameter used on both ranks
+    summer.arm()
+    loss(True).backward()
+    result["launched_in_backward"] = summer._launched
+    result["err_all_used"] = compare(summer.finish(), params, reference(params))
+    result["late_all_used"] = summer.late
+
+    # b) `extra` unused on rank 0: no gradient there, so zeros are summed for it
+    for p in params:
+        p.grad = None
+    summer.arm()
+    loss(rank == 1).backward()
+    result["err_unused"] = compare(summer.finish(), params, reference(params))
+
+    # c) two backward passes in one armed step: the second changes gradients whose buckets already left
+    for p in params:
+        p.grad = None
+    summer.arm()
+    loss(True).backward()
+    loss(True).backward()
+    summer.finish()
+    result["late_double_backward"] = summer.late
+
+    # d) not armed: hooks do nothing
+    for p in params:
+        p.grad = None
+    before = len(summer._works)
+    loss(True).backward()
+    result["launched_unarmed"] = len(summer._works) - before
+    summer.remove()
+    print("RESULT " + json.dumps(result), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
