@@ -5,7 +5,9 @@ It is a :class:`~pytorch_lightning.strategies.DDPStrategy` that never wraps the 
 step (DDP-equivalent). After optimizer step ``warmup + τ``, ``warmup + τ + τ'``, … (1-based, one counter per
 optimizer) it calls the subclass's :meth:`_sync`. The base also provides
 
-* flat-bucket averaging with a non-finite policy (``nonfinite="raise" | "drop"``) and byte accounting,
+* flat-bucket averaging with a non-finite policy (``nonfinite="raise" | "drop"``) and byte accounting; on the
+  steps that average gradients the buckets are all-reduced while backward runs
+  (:class:`~lightning_opt.distributed.overlap.OverlappedGradSum`),
 * evaluation, ``trainer.fit``'s final weights and checkpoints on the *consensus* weights (subclass-defined)
   without touching the training trajectory,
 * exact resume: the strategy's own state plus every rank's local weights and optimizer states travel in the
