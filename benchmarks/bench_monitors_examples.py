@@ -4,7 +4,7 @@
     python -m benchmarks.bench_monitors_examples --smoke    # 60 steps per fit, checks that it runs
     python -m benchmarks.bench_monitors_examples --configs baseline "all four" --models image
 
-SharpnessMonitor's default schedule is cost-aware: it measures when 2% of the fit time so far pays for the next
+SharpnessMonitor's default schedule is cost-aware: it measures when 1.5% of the fit time so far pays for the next
 measurement, with the first one's cost bounded from above by a timed gradient and product, so on these small CPU
 models the first measurement comes late; ``SharpnessMonitor(max_overhead=0.1)`` shows the schedule at work (its
 share should sit near 10%). The last column lists the steps SharpnessMonitor measured at.

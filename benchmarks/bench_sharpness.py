@@ -195,7 +195,7 @@ def main() -> None:
         f"- Worst relative error: power {max(r['p_err'] for r in rows):.1e}; Lanczos(max) "
         f"{max(r['lm_err'] for r in rows):.1e}; Lanczos(both) λ_max {max(r['lb_err_max'] for r in rows):.1e}, "
         f"λ_min {max(r['lb_err_min'] for r in rows):.1e}.",
-        f"- Overhead of `SharpnessMonitor()` at defaults (cost-aware, max_overhead=2%), {ov['steps']} steps of a "
+        f"- Overhead of `SharpnessMonitor()` at defaults (cost-aware, max_overhead=1.5%), {ov['steps']} steps of a "
         f"5.8k-parameter "
         f"MLP, batch 128, median of {repeats}: {ov['base']:.2f} s without, {ov['mon']:.2f} s with → "
         f"{100 * overhead:+.1f}% wall clock (noisy on a shared machine); the monitor's own measured time is "

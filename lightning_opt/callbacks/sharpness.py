@@ -35,7 +35,7 @@ Distributed (``ddp_mode``): every rank uses its own probe batch.
 Schedule: ``every_n_steps=N`` measures after every N-th optimizer step. The default (``every_n_steps=None``) is
 cost-aware: ``CALIBRATION_STEPS`` steps into a fit, one gradient and one Hessian-vector product are timed to
 estimate a measurement's cost, and each measurement is then placed at the first step where it keeps the time
-spent inside the monitor within ``max_overhead`` (default 2%) of the fit's wall time (later estimates use the
+spent inside the monitor within ``max_overhead`` (default 1.5%) of the fit's wall time (later estimates use the
 last measurement's cost). On a cheap model that is every few dozen steps; on an expensive one the first
 measurement may come after thousands (an INFO message says when). The planned step is agreed by all ranks
 when it is planned (one all-gather at calibration and after each measurement), never per step. ``overhead``
@@ -78,7 +78,7 @@ __all__ = ["CALIBRATION_STEPS", "CURVATURE_ATTR", "DEFAULT_MAX_OVERHEAD", "Sharp
 
 CURVATURE_ATTR = "lightning_opt_curvature"
 #: Budget of the cost-aware schedule: seconds inside the monitor / fit seconds.
-DEFAULT_MAX_OVERHEAD = 0.02
+DEFAULT_MAX_OVERHEAD = 0.015
 #: Optimizer steps into a fit call before the cost-aware schedule times one product; the step time is measured
 #: over the second half of them (the first steps of a fit are slow: compilation, autotuning, data loader start).
 CALIBRATION_STEPS = 10
@@ -129,7 +129,7 @@ class SharpnessMonitor(Callback):
         fit_decay: forgetting factor of the running fit, in (0, 1].
         seed: seed of the monitor's own generator for Lanczos start vectors (the global RNG is not used).
         prefix: key prefix of the logged metrics (default ``"curvature"``; e.g. to run two monitors).
-        max_overhead: budget of the cost-aware schedule, in (0, 1) (default ``DEFAULT_MAX_OVERHEAD`` = 0.02);
+        max_overhead: budget of the cost-aware schedule, in (0, 1) (default ``DEFAULT_MAX_OVERHEAD`` = 0.015);
             only with ``every_n_steps=None``.
 
     Attributes:
