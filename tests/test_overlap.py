@@ -1,4 +1,4 @@
-"""OverlappedGradSum on a raw 2-process gloo group: sums equal a plain all-reduce and leave during backward."""
+"""OverlappedGradSum on a raw 2-process gloo group (sums match a plain all-reduce, start in backward); all_finite."""
 
 from __future__ import annotations
 
@@ -17,3 +17,19 @@ def test_overlapped_sums_match_all_reduce_and_start_during_backward():
         assert r["err_unused"] <= 1e-6  # a parameter without a gradient on one rank contributes zeros there
         assert r["late_double_backward"]  # the caller is told to reduce again
         assert r["launched_unarmed"] == 0
+
+
+def test_all_finite_fast_path_and_overflow():
+    import math
+
+    import torch
+
+    from lightning_opt.distributed import all_finite
+
+    assert all_finite([]) and all_finite([torch.ones(3), torch.zeros(2, dtype=torch.float16)])
+    for bad in (math.nan, math.inf, -math.inf):
+        assert not all_finite([torch.ones(3), torch.tensor([0.0, bad])])
+    assert not all_finite([torch.tensor([math.inf, -math.inf])])  # sums to NaN
+    big = torch.full((4,), 3e38)  # finite elements whose float32 sum overflows: checked element by element
+    assert all_finite([big])
+    assert all_finite([torch.full((8,), 60000.0, dtype=torch.float16)])  # summed in float32

@@ -16,6 +16,7 @@ from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDSt
 name, period, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 width = int(os.environ.get("BENCH_WIDTH", 512))
 world = int(os.environ["WORLD_SIZE"])
+cap = {"bucket_cap_mb": float(os.environ["BENCH_BUCKET_MB"])} if "BENCH_BUCKET_MB" in os.environ else {}
 
 
 class MLP(pl.LightningModule):
@@ -56,7 +57,7 @@ strategies = {
     "ddp": lambda: "ddp",
     "local_sgd": lambda: LocalSGDStrategy(period=period),
     "lsgd": lambda: LSGDStrategy(period=period, pull=0.5, leader_window=4),
-    "lookahead_sync": lambda: LookaheadStrategy(period=period, mode="sync"),
+    "lookahead_sync": lambda: LookaheadStrategy(period=period, mode="sync", **cap),
     "lookahead_local": lambda: LookaheadStrategy(period=period, mode="local"),
 }
 timer = Timer()

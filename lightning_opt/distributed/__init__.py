@@ -3,6 +3,7 @@
 from lightning_opt.distributed.buckets import (
     DEFAULT_BUCKET_CAP_MB,
     CommMeter,
+    all_finite,
     all_reduce_flat,
     broadcast_flat,
     bucket_indices,
@@ -17,6 +18,7 @@ from lightning_opt.distributed.scalars import all_gather_vector, mean_max, nonfi
 __all__ = [
     "DEFAULT_BUCKET_CAP_MB",
     "CommMeter",
+    "all_finite",
     "all_gather_vector",
     "all_reduce_flat",
     "broadcast_flat",

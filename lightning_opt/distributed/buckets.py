@@ -140,6 +140,18 @@ def broadcast_flat(
         unflatten_into(flat, chunk)
 
 
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite (one host sync). Fast path: a finite sum implies finite
+    elements (a NaN or an infinity makes the sum non-finite), and a sum reads the tensor without writing a same-sized
+    mask as ``isfinite`` does; only a non-finite sum (possibly a mere overflow) is checked element by element."""
+    if not tensors:
+        return True
+    sums = torch.stack([t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def nbytes(tensors: Sequence[Tensor]) -> int:
     """Payload size of ``tensors`` in bytes."""
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_opt.distributed import is_dist, write_back
+from lightning_opt.distributed import all_finite, is_dist, write_back
 from lightning_opt.strategies._validate import check_float
 from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
@@ -105,7 +105,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
             good, buckets, _ = self._reduce_with_flags(params, "parameters", step)
             sums = [torch.empty_like(c) for c in center]
             write_back(buckets, sums)
-            local_bad = not bool(torch.stack([torch.isfinite(t).all() for t in x]).all())
+            local_bad = not all_finite(x)
         else:
             good, sums, local_bad = 1, [t.clone() for t in x], False
         # Σ_i (x_i − x̃) over the contributing ranks, with the pre-update centre

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_opt.distributed import broadcast_flat, is_dist, nonfinite_ranks
+from lightning_opt.distributed import all_finite, broadcast_flat, is_dist, nonfinite_ranks
 from lightning_opt.strategies._validate import check_choice, check_float
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
 from lightning_opt.strategies.periodic import NonFiniteError
@@ -98,7 +98,7 @@ class LookaheadStrategy(LocalSGDStrategy):
         """Sync mode keeps the fast weights identical, so a sync needs no parameter collective; one tiny
         all-reduce of non-finite flags still makes every rank take the same decision: ``raise`` names the ranks
         on all of them, ``drop`` copies a healthy rank's weights (and buffers) over the bad ranks."""
-        local_bad = not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        local_bad = not all_finite(params)
         bad = nonfinite_ranks(local_bad, params[0].device) if is_dist() else ([0] if local_bad else [])
         if not bad:
             return

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
+from lightning_opt.distributed import all_finite, all_gather_vector, broadcast_flat, is_dist
 from lightning_opt.strategies._validate import check_choice, check_float, check_int
 from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
@@ -127,7 +127,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
             self._filled += 1
 
     def _local_score(self, params: list[Tensor]) -> float:
-        finite_params = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        finite_params = all_finite(params)
         n = min(self._filled, self.leader_window)
         if not finite_params or n == 0:
             return float("inf")
@@ -180,7 +180,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
             broadcast_flat(leader_values, src=leader, meter=self.meter, group=group, cap_mb=self.bucket_cap_mb)
         if self.rank == leader:
             return
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        finite = all_finite(tensors)
         with torch.no_grad():
             if not finite or lam == 1.0:  # λ = 1 (or a reset) copies the leader exactly
                 if not finite:

@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 
 from lightning_opt.distributed import (
     CommMeter,
+    all_finite,
     all_reduce_flat,
     broadcast_flat,
     is_dist,
@@ -266,7 +267,7 @@ class PeriodicSyncStrategy(DDPStrategy):
         parameters' gradients); they are redone here only if some rank must be excluded or a gradient changed
         after its bucket left. Returns (number of contributing ranks, buckets, summed payload)."""
         device = tensors[0].device
-        local_bad = bool(torch.stack([~torch.isfinite(t).all() for t in tensors]).any()) if tensors else False
+        local_bad = not all_finite(tensors)
         contribute = not (local_bad and self.nonfinite == "drop")
         src = tensors if contribute else [torch.zeros_like(t) for t in tensors]
         buckets = summed.finish() if summed is not None else all_reduce_flat(src, meter=self.meter,
