@@ -404,7 +404,6 @@ class SharpnessMonitor(Callback):
         cost from them and plan the first measurement."""
         t0 = time.perf_counter()
         params, dtype, mode, _, reduce, loss_of = self._probe_setup(pl_module, batch)
-        build = product = math.nan
         with self._preserved(pl_module, mode) as reset:
             reset()
             t = time.perf_counter()
