@@ -33,7 +33,6 @@ class OverheadBudget:
         self.spent = 0.0  # seconds inside measurements, over all fit calls
         self.elapsed_before = 0.0  # fit seconds of earlier fit calls (restored from checkpoints)
         self.next_step: int | None = None  # planned measurement step; None = not planned yet
-        self.cost: float | None = None  # expected seconds of the next measurement
         self._t0: float | None = None
         self._mark: tuple[float, int, float] | None = None  # (clock, step, spent) where step_time starts
 
@@ -48,7 +47,7 @@ class OverheadBudget:
 
     def reset(self) -> None:
         """Forget everything (a new run)."""
-        self.spent, self.elapsed_before, self.next_step, self.cost = 0.0, 0.0, None, None
+        self.spent, self.elapsed_before, self.next_step = 0.0, 0.0, None
         self._t0 = self._mark = None
 
     def stop(self) -> None:
@@ -88,11 +87,10 @@ class OverheadBudget:
         return max(1, math.ceil(wait / per_step))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"spent": self.spent, "elapsed": self.elapsed(), "next_step": self.next_step, "cost": self.cost}
+        return {"spent": self.spent, "elapsed": self.elapsed(), "next_step": self.next_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spent = float(state.get("spent", 0.0))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.next_step = state.get("next_step")
-        self.cost = state.get("cost")
         self._t0 = self._mark = None

@@ -288,7 +288,7 @@ class SharpnessMonitor(Callback):
         ahead, share, seconds = self._agree(step, metrics[f"{self.prefix}/seconds"])
         metrics[f"{self.prefix}/seconds"] = seconds
         if ahead is not None:
-            self._set_plan(step, ahead, seconds)
+            self._set_plan(step, ahead)
             metrics[f"{self.prefix}/next_step"] = float(self._budget.next_step)
         metrics[f"{self.prefix}/overhead"] = share
         metrics_step = {"step": float(step), **metrics}
@@ -425,7 +425,7 @@ class SharpnessMonitor(Callback):
         self._budget.charge(time.perf_counter() - t0)
         per_step = self._budget.step_time(step)
         ahead, _, cost = self._agree(step, cost)
-        self._set_plan(step, ahead, cost)
+        self._set_plan(step, ahead)
         steps = f"≈ {cost / per_step:.0f} training steps of {1000 * per_step:.3g} ms" if per_step > 0 else "?"
         rank_zero_info(
             f"SharpnessMonitor: one measurement is estimated at {cost:.3g} s ({steps}); to keep the monitor "
@@ -443,8 +443,7 @@ class SharpnessMonitor(Callback):
         ahead_all, share, cost_all = mine.tolist()
         return (int(ahead_all) if self.every_n_steps is None else None), share, cost_all
 
-    def _set_plan(self, step: int, ahead: int, cost: float) -> None:
-        self._budget.cost = cost
+    def _set_plan(self, step: int, ahead: int) -> None:
         self._budget.next_step = step + ahead
         self._budget.mark(step)  # the next plan's step time: the steps between now and then
 
