@@ -68,6 +68,23 @@ def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
 
 
+def recording(cls):
+    """Subclass of a periodic strategy that records the flat weights right before (``pre``) and after (``post``)
+    every sync."""
+
+    class Recording(cls):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.pre, self.post = [], []
+
+        def _sync(self, idx, step):
+            self.pre.append(flat_params(self.lightning_module))
+            super()._sync(idx, step)
+            self.post.append(flat_params(self.lightning_module))
+
+    return Recording
+
+
 class Recorder(pl.Callback):
     """Records the flat parameters and BN running mean after every optimizer step on this rank."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from _common import WORLD_SIZE, TinyModel, flat_params, rank, trainer
+from _common import WORLD_SIZE, TinyModel, rank, recording, trainer
 
 import lightning_opt  # noqa: F401
 from lightning_opt.strategies import LSGDStrategy
@@ -27,17 +27,6 @@ class OffsetModel(TinyModel):
         return super().training_step(batch, batch_idx) + offsets[self.global_rank]
 
 
-class Recording(LSGDStrategy):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.pre, self.post = [], []
-
-    def _sync(self, idx, step):
-        self.pre.append(flat_params(self.lightning_module))
-        super()._sync(idx, step)
-        self.post.append(flat_params(self.lightning_module))
-
-
 class Poison(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_rank == poison and trainer.global_step == 3:
@@ -45,8 +34,8 @@ class Poison(pl.Callback):
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
 
 
-s = Recording(period=2, pull=pull, global_pull=global_pull, group_size=group_size, global_period=global_period,
-              leader_window=2, timeout=60)
+s = recording(LSGDStrategy)(period=2, pull=pull, global_pull=global_pull, group_size=group_size,
+                            global_period=global_period, leader_window=2, timeout=60)
 model = OffsetModel(bn=False)
 trainer(s, max_steps=8, callbacks=[Poison()]).fit(model)
 torch.save({"pre": torch.stack(s.pre), "post": torch.stack(s.post), "history": s.history, "world": WORLD_SIZE},

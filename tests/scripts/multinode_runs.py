@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from _common import TinyModel, flat_params, rank
+from _common import TinyModel, rank, recording
 
 import lightning_opt  # noqa: F401
 from lightning_opt.strategies import LocalSGDStrategy, LSGDStrategy
@@ -28,19 +28,6 @@ class OffsetModel(TinyModel):
     def training_step(self, batch, batch_idx):
         return super().training_step(batch, batch_idx) + OFFSETS[self.global_rank]
 
-
-def recording(cls):
-    class Recording(cls):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.pre, self.post = [], []
-
-        def _sync(self, idx, step):
-            self.pre.append(flat_params(self.lightning_module))
-            super()._sync(idx, step)
-            self.post.append(flat_params(self.lightning_module))
-
-    return Recording
 
 
 def fit(strategy, max_steps):
