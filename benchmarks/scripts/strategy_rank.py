@@ -7,8 +7,8 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from _mlp import BenchMLP
+from torch.utils.data import TensorDataset
 
 import lightning_opt  # noqa: F401
 from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDStrategy
@@ -19,28 +19,10 @@ world = int(os.environ["WORLD_SIZE"])
 cap = {"bucket_cap_mb": float(os.environ["BENCH_BUCKET_MB"])} if "BENCH_BUCKET_MB" in os.environ else {}
 
 
-class MLP(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(4096, 64, generator=g)
-        y = (x[:, :10].argmax(1))
-        ds = TensorDataset(x, y)
-        return DataLoader(ds, batch_size=32, sampler=DistributedSampler(ds, world, self.global_rank, shuffle=True))
+def data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g)
+    return TensorDataset(x, x[:, :10].argmax(1))
 
 
 class Timer(pl.Callback):
@@ -64,7 +46,7 @@ timer = Timer()
 trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategies[name](), max_steps=steps, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      use_distributed_sampler=False, callbacks=[timer])
-model = MLP()
+model = BenchMLP(data, in_dim=64, width=width, classes=10, batch_size=32, world=world)
 trainer.fit(model)
 s = trainer.strategy
 nparams = sum(p.numel() for p in model.parameters())

@@ -20,9 +20,9 @@ from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
+from _mlp import BenchMLP
 from pytorch_lightning.strategies import DDPStrategy
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 import lightning_opt  # noqa: F401
 from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDStrategy
@@ -44,28 +44,6 @@ def teacher_data() -> TensorDataset:
     w2 = torch.randn(128, CLASSES, generator=g) / 128 ** 0.5
     y = (torch.tanh(x @ w1) @ w2).argmax(1)
     return TensorDataset(x, y)
-
-
-class WideMLP(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(IN_DIM, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, CLASSES))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-    def train_dataloader(self):
-        ds = teacher_data()
-        sampler = DistributedSampler(ds, world, self.global_rank, shuffle=True, seed=0)
-        return DataLoader(ds, batch_size=BATCH, sampler=sampler)
 
 
 class Trace(pl.Callback):
@@ -98,7 +76,7 @@ def run(name: str, period: int) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=world, strategy=STRATEGIES[name](period),
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False, callbacks=[trace])
-    model = WideMLP()
+    model = BenchMLP(teacher_data, in_dim=IN_DIM, width=width, classes=CLASSES, batch_size=BATCH, world=world)
     trainer.fit(model)
     nparams = sum(p.numel() for p in model.parameters())
     meter = getattr(trainer.strategy, "meter", None)
