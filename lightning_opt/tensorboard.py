@@ -13,6 +13,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from lightning_opt._ownership import RankLocal
+
 Layout = dict[str, dict[str, list[Any]]]
 
 
@@ -62,7 +64,7 @@ def dashboard_layout() -> Layout:
     }
 
 
-class DashboardCallback(pl.Callback):
+class DashboardCallback(RankLocal, pl.Callback):
     """Writes :func:`dashboard_layout` into every ``TensorBoardLogger`` of the trainer on rank 0 at fit start."""
 
     def __init__(self, layout: Layout | None = None) -> None:

@@ -14,13 +14,14 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from lightning_opt._ownership import RankLocal
 from lightning_opt.callbacks._common import check_bool, check_float, check_int, log_scalars
 from lightning_opt.distributed import all_gather_vector
 
 __all__ = ["GradNormMonitor"]
 
 
-class GradNormMonitor(Callback):
+class GradNormMonitor(RankLocal, Callback):
     """Log the gradient norm every ``every_n_steps`` optimizer steps.
 
     Hooks ``on_before_optimizer_step``, which Lightning calls after the closure (backward), after the AMP grad

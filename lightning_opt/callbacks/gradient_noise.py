@@ -29,6 +29,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_opt._ownership import RankLocal
 from lightning_opt.callbacks._common import (
     TrajectoryGuard,
     check_bool,
@@ -124,7 +125,7 @@ class _IndependentBatches:
             yield torch.randperm(self.n, generator=self.generator)[: self.batch_size].tolist()
 
 
-class GradientNoiseMonitor(Callback):
+class GradientNoiseMonitor(RankLocal, Callback):
     """Gradient-noise statistics at a fixed θ every ``every_n_steps`` optimizer steps (see the module
     docstring).
 

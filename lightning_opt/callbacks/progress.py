@@ -8,6 +8,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from lightning_opt._ownership import RankLocal
+
 DEFAULT_KEYS: dict[str, str] = {
     "grad/norm": "gnorm",
     "noise/norm": "noise",
@@ -17,7 +19,7 @@ DEFAULT_KEYS: dict[str, str] = {
 }
 
 
-class ProgressBarMetrics(Callback):
+class ProgressBarMetrics(RankLocal, Callback):
     """Copies selected metrics into the progress bar after every training batch.
 
     ``keys`` maps a metric name (as the monitors publish it in ``trainer.callback_metrics``) to its short label in

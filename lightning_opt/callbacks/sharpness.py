@@ -66,6 +66,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_opt._ownership import RankLocal
 from lightning_opt._validation import check_bool, check_choice, check_float, check_int
 from lightning_opt.callbacks._budget import OverheadBudget
 from lightning_opt.distributed.buckets import all_reduce_flat, is_dist
@@ -97,7 +98,7 @@ def _clone_batch(batch: Any, device: torch.device | None = None) -> Any:
     return apply_to_collection(batch, Tensor, f)
 
 
-class SharpnessMonitor(Callback):
+class SharpnessMonitor(RankLocal, Callback):
     """Track λ_max, λ_min of the training-loss Hessian, the edge-of-stability ratio and local smoothness.
 
     Args:

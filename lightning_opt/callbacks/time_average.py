@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
+from lightning_opt._ownership import RankLocal
 from lightning_opt.distributed.buckets import is_dist
 from lightning_opt.distributed.scalars import all_gather_vector
 from lightning_opt.stats.averages import BatchMeansWindow, CesaroAverage, WindowedAverage
@@ -93,7 +94,7 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-class TimeAverageMonitor(Callback):
+class TimeAverageMonitor(RankLocal, Callback):
     r"""Time averages over the empirical measure of the iterates, per-step gain, plateau test (thesis ch. 6).
 
     **Time averages.** After every optimizer step, each tracked metric φ contributes its latest value to

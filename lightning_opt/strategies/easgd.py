@@ -137,13 +137,14 @@ class EASGDStrategy(PeriodicSyncStrategy):
         by_id = {id(p): c for idx, centers in self._center.items()
                  for p, c in zip(self._opt_params(idx), centers)}
         tensors = self._module_tensors()
-        rest = [t for t in tensors if id(t) not in by_id and t.is_floating_point()]
+        averaged = self._consensus_ids()
+        rest = [t for t in tensors if id(t) not in by_id and t.is_floating_point() and id(t) in averaged]
         means = iter(self._world_mean(rest, "weights", self._steps.get(0, 0)) if rest else [])
         out = []
         for t in tensors:
             if id(t) in by_id:
                 out.append(by_id[id(t)].to(t.dtype))
-            elif t.is_floating_point():
+            elif t.is_floating_point() and id(t) in averaged:
                 out.append(next(means).to(t.dtype))
             else:
                 out.append(t.detach().clone())

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_opt.distributed import all_finite, all_gather_vector, broadcast_flat, is_dist
+from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
 from lightning_opt.strategies._validate import check_choice, check_float, check_int
 from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
@@ -127,9 +127,8 @@ class LSGDStrategy(PeriodicSyncStrategy):
             self._filled += 1
 
     def _local_score(self, params: list[Tensor]) -> float:
-        finite_params = all_finite(params)
         n = min(self._filled, self.leader_window)
-        if not finite_params or n == 0:
+        if n == 0 or self._buffer_rules.corrupt(params):
             return float("inf")
         score = float(self._window[:n].mean())
         return score if score == score and abs(score) != float("inf") else float("inf")
@@ -169,7 +168,9 @@ class LSGDStrategy(PeriodicSyncStrategy):
         return self.eval_weights == "local"
 
     def _pulled_tensors(self) -> list[Tensor]:
-        return list(self._opt_params(0)) + self._float_buffers()
+        """The optimizer's parameters and the floating-point buffers written since the last sync (a collective);
+        buffers nobody writes (masks, tables) are equal on every rank and would turn ``-inf`` into NaN here."""
+        return list(self._opt_params(0)) + [b for b in self._buffers_to_sync() if b.is_floating_point()]
 
     def _pull_toward(self, tensors: list[Tensor], leader: int | None, lam: float, group: Any, step: int) -> None:
         if leader is None:
@@ -180,7 +181,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
             broadcast_flat(leader_values, src=leader, meter=self.meter, group=group, cap_mb=self.bucket_cap_mb)
         if self.rank == leader:
             return
-        finite = all_finite(tensors)
+        finite = not self._buffer_rules.corrupt(tensors)
         with torch.no_grad():
             if not finite or lam == 1.0:  # λ = 1 (or a reset) copies the leader exactly
                 if not finite:
@@ -211,8 +212,8 @@ class LSGDStrategy(PeriodicSyncStrategy):
         tensors = self._module_tensors()
         values = [t.detach().clone() for t in tensors]
         if self.eval_weights == "leader" and is_dist():
-            floats = [v for v in values if v.is_floating_point()]
-            score = torch.tensor([self._local_score(floats)], device=self.root_device)
+            score = torch.tensor([self._local_score(list(self.lightning_module.parameters()))],
+                                 device=self.root_device)
             leader = self._argmin(all_gather_vector(score).reshape(-1).cpu(), list(range(self.world)))
             broadcast_flat(values, src=0 if leader is None else leader, cap_mb=self.bucket_cap_mb)
         return values

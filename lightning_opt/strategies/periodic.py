@@ -31,27 +31,25 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt._ownership import RankLocal
 from lightning_opt.distributed import (
     CommMeter,
-    all_finite,
     all_reduce_flat,
     broadcast_flat,
     is_dist,
     nbytes,
     write_back,
 )
+from lightning_opt.distributed.buffers import BufferRules
 from lightning_opt.distributed.overlap import OverlappedGradSum
 from lightning_opt.strategies._validate import as_timeout, check_bool, check_choice, check_float, check_int
+from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.schedules import PeriodSchedule, as_schedule
 
 _CKPT_KEY = "lightning_opt"
 
 
-class NonFiniteError(RuntimeError):
-    """Raised on every rank when some rank holds non-finite values at a synchronisation."""
-
-
-class PeriodicSyncStrategy(DDPStrategy):
+class PeriodicSyncStrategy(RankLocal, DDPStrategy):
     """Base class; see the module docstring. Subclasses implement :meth:`_sync` and may override
     :meth:`_consensus`, :meth:`_extra_state_dict` and :meth:`_load_extra_state_dict`."""
 
@@ -99,12 +97,26 @@ class PeriodicSyncStrategy(DDPStrategy):
         self._restored: dict[str, Any] | None = None
         self._stash: list[Tensor] | None = None
         self._grad_sums: dict[int, OverlappedGradSum] = {}
+        self._buffer_rules = BufferRules()
 
     # ------------------------------------------------------------------ setup
     def configure_ddp(self) -> None:
         """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
+        self._check_supported()
         if is_dist():
             broadcast_flat(self._module_tensors(), src=0, cap_mb=self.bucket_cap_mb)
+        self._buffer_rules.reset(self.lightning_module)
+
+    def _check_supported(self) -> None:
+        """Fail at setup, naming the feature, for what the strategy cannot synchronise."""
+        averages_grads = self.warmup_steps > 0 or self.average_gradients_every_step
+        sparse = [name for name, m in self.lightning_module.named_modules()
+                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+        if averages_grads and sparse:
+            raise ValueError(
+                f"{type(self).__name__}: sparse gradients (nn.Embedding(sparse=True) in {sparse}) cannot be averaged "
+                "on the DDP-like steps (warmup_steps > 0, Lookahead mode='sync'); use sparse=False, or warmup_steps=0 "
+                "with a strategy that averages parameters (Local SGD, Lookahead mode='local', LSGD, EASGD)")
 
     def teardown(self) -> None:
         for summer in self._grad_sums.values():
@@ -122,11 +134,9 @@ class PeriodicSyncStrategy(DDPStrategy):
         module = self.lightning_module
         return list(module.parameters()) + list(module.buffers())
 
-    def _float_buffers(self) -> list[Tensor]:
-        return [b for b in self.lightning_module.buffers() if b.is_floating_point()]
-
-    def _int_buffers(self) -> list[Tensor]:
-        return [b for b in self.lightning_module.buffers() if not b.is_floating_point()]
+    def _buffers_to_sync(self) -> list[Tensor]:
+        """Persistent buffers some rank wrote since the last sync (a collective; see ``distributed/buffers.py``)."""
+        return self._buffer_rules.to_sync(self.lightning_module)
 
     def _opt_index(self, optimizer: Optimizer) -> int:
         for i, opt in enumerate(self.optimizers):
@@ -267,7 +277,7 @@ class PeriodicSyncStrategy(DDPStrategy):
         parameters' gradients); they are redone here only if some rank must be excluded or a gradient changed
         after its bucket left. Returns (number of contributing ranks, buckets, summed payload)."""
         device = tensors[0].device
-        local_bad = not all_finite(tensors)
+        local_bad = self._buffer_rules.corrupt(tensors)
         contribute = not (local_bad and self.nonfinite == "drop")
         src = tensors if contribute else [torch.zeros_like(t) for t in tensors]
         buckets = summed.finish() if summed is not None else all_reduce_flat(src, meter=self.meter,
@@ -317,24 +327,33 @@ class PeriodicSyncStrategy(DDPStrategy):
         return out
 
     def _average_buffers_now(self, step: int) -> None:
-        """Float buffers averaged (if ``average_buffers``), integer buffers taken from rank 0."""
+        """Written float buffers averaged (if ``average_buffers``), written integer buffers taken from rank 0."""
         if not is_dist():
             return
-        floats = self._float_buffers()
-        if self.average_buffers and floats:
+        buffers = self._buffers_to_sync()
+        floats = [b for b in buffers if b.is_floating_point()] if self.average_buffers else []
+        if floats:
             means = self._world_mean(floats, "buffers", step)
             torch._foreach_copy_(floats, means)
-        ints = self._int_buffers()
+        ints = [b for b in buffers if not b.is_floating_point()]
         if ints:
             broadcast_flat(ints, src=0, meter=self.meter)
+        self._buffer_rules.mark(floats + ints)
 
     # ------------------------------------------------------------------ consensus weights
     def _consensus(self) -> list[Tensor]:
         """Consensus values for ``_module_tensors()`` (default: the world average; a collective)."""
         tensors = self._module_tensors()
-        floats = [t for t in tensors if t.is_floating_point()]
-        means = iter(self._world_mean(floats, "weights", self._steps.get(0, 0)))
-        return [next(means).to(t.dtype) if t.is_floating_point() else t.clone() for t in tensors]
+        averaged = self._consensus_ids()
+        floats = [t for t in tensors if t.is_floating_point() and id(t) in averaged]
+        means = iter(self._world_mean(floats, "weights", self._steps.get(0, 0)) if floats else [])
+        return [next(means).to(t.dtype) if t.is_floating_point() and id(t) in averaged else t.detach().clone()
+                for t in tensors]
+
+    def _consensus_ids(self) -> set[int]:
+        """Tensors the consensus averages (a collective): parameters and the persistent buffers written since the
+        last sync; the others are identical on every rank or derived (see ``distributed/buffers.py``)."""
+        return {id(p) for p in self.lightning_module.parameters()} | {id(b) for b in self._buffers_to_sync()}
 
     @contextmanager
     def _eval_accounting(self) -> Iterator[None]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_opt._ownership import RankLocal
 
-class PeriodSchedule:
+
+class PeriodSchedule(RankLocal):
     """Base class. Subclasses implement :meth:`next_period`; stateful ones also override the state methods.
 
     ``trainer`` is the Lightning trainer when one is attached (``None`` otherwise): it is how a schedule reads
