@@ -5,8 +5,8 @@ Works with both Lightning packages (see :mod:`lightning_opt._flavour`): ``lightn
 the default package (``$LIGHTNING_OPT_PACKAGE``, else ``pytorch_lightning`` when installed, else ``lightning``),
 ``lightning_opt.lightning.<module>`` on ``lightning.pytorch`` and ``lightning_opt.pytorch_lightning.<module>`` on
 ``pytorch_lightning``. Importing the package loads no Lightning package; the strategy names (``local_sgd``,
-``lsgd``, ``lookahead``, ``easgd`` and their ``_spawn`` variants) are registered in each Lightning package's
-``StrategyRegistry`` as soon as that package is imported.
+``lsgd``, ``lookahead``, ``easgd`` and their ``_spawn`` / ``_notebook`` variants) are registered in each Lightning
+package's ``StrategyRegistry`` as soon as that package is imported.
 """
 
 from lightning_opt import _flavour
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _flavour.install()
 
 #: every registry name the package registers (in each installed Lightning package)
-STRATEGY_NAMES = tuple(n + s for n in _flavour.STRATEGY_CLASSES for s in ("", "_spawn"))
+STRATEGY_NAMES = tuple(n + s for n in _flavour.STRATEGY_CLASSES for s, _ in _flavour._VARIANTS)
 
 
 def register_strategies(package: str | None = None) -> list[str]:

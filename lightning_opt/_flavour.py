@@ -11,11 +11,12 @@ flavour), and an import hook serves them under three names:
   ``LIGHTNING_OPT_PACKAGE`` (``lightning`` or ``pytorch_lightning``), else ``pytorch_lightning`` when it is
   installed, else ``lightning``. The flavour namespace equal to the default is the *same* module object.
 
-A module is *Lightning-facing* when its source names ``pytorch_lightning`` or imports another Lightning-facing
-module of the package; only those are served per flavour, by compiling the same source file with the package
-names replaced on the same lines (tracebacks and ``inspect.getsource`` keep pointing at the real file). Pure
-modules (``optim``, ``stats``, ``distributed``, schedules, validation, ``NonFiniteError``) are one module shared
-by every flavour, so e.g. a ``ConstantHorizon`` works with the strategies of either namespace.
+A module is *Lightning-facing* when it imports ``pytorch_lightning`` or another Lightning-facing module of the
+package (read from its import statements); only those are served per flavour, by compiling the same source
+file with the package names replaced on the same lines (tracebacks and ``inspect.getsource`` keep pointing at
+the real file). Pure modules (``optim``, ``stats``, ``distributed``, schedules, validation, ``NonFiniteError``)
+are one module shared by every flavour, so e.g. a ``ConstantHorizon`` works with the strategies of either
+namespace.
 
 Strategy names (``local_sgd``, ...) are registered in each Lightning package's ``StrategyRegistry`` when that
 package's ``strategies`` module is imported (or at once if it already is), as lazy factories: importing
@@ -50,6 +51,7 @@ STRATEGY_CLASSES = {"local_sgd": "LocalSGDStrategy", "lsgd": "LSGDStrategy", "lo
 _ROOT = Path(__file__).resolve().parent
 _PL_NAME = re.compile(r"\bpytorch_lightning\b")
 _OWN_NAME = re.compile(r"\blightning_opt\.((?:" + "|".join(_CANDIDATES) + r")(?:\.\w+)*)")
+_IMPORT = re.compile(r"^\s*(?:from\s+(\S+)\s+import|import\s+(\S+))", re.M)
 
 
 def installed(flavour: str) -> bool:
@@ -114,11 +116,11 @@ def lightning_facing(rel: str, _seen: frozenset[str] = frozenset()) -> bool:
     path = _source_file(rel)
     if path is None or rel in _seen:
         return False
-    text = path.read_text(encoding="utf-8")
-    if _PL_NAME.search(text):
+    imported = [a or b for a, b in _IMPORT.findall(path.read_text(encoding="utf-8"))]  # docstrings don't count
+    if any(_PL_NAME.match(name) for name in imported):
         return True
-    seen = _seen | {rel}
-    return any(lightning_facing(mod, seen) for mod in {_module_of(m) for m in _OWN_NAME.findall(text)} - {None})
+    own = {_module_of(m.group(1)) for name in imported if (m := _OWN_NAME.match(name))} - {None}
+    return any(lightning_facing(mod, _seen | {rel}) for mod in own)
 
 
 def rewrite(text: str, flavour: str, prefix: str) -> str:
@@ -203,6 +205,8 @@ def _split(fullname: str) -> tuple[str, str | None]:
 
 # ----------------------------------------------------------------------------------------- strategy names
 _REGISTRY_MODULES = {f"{pkg}.strategies": flavour for flavour, pkg in PACKAGES.items()}
+#: registry-name suffix -> start method (``_notebook``: fork, for Jupyter, like Lightning's ``ddp_notebook``)
+_VARIANTS = (("", "popen"), ("_spawn", "spawn"), ("_notebook", "fork"))
 
 
 class LazyStrategy:
@@ -223,13 +227,13 @@ class LazyStrategy:
 
 
 def register(flavour: str) -> list[str]:
-    """Register ``<name>`` (start_method ``popen``) and ``<name>_spawn`` for every strategy in the
-    ``StrategyRegistry`` of ``flavour``'s package; idempotent, and a name someone else registered is left alone
-    with a warning. Returns the names this package owns there."""
+    """Register ``<name>`` (start_method ``popen``), ``<name>_spawn`` and ``<name>_notebook`` (fork) for every
+    strategy in the ``StrategyRegistry`` of ``flavour``'s package; idempotent, and a name someone else
+    registered is left alone with a warning. Returns the names this package owns there."""
     registry = importlib.import_module(PACKAGES[flavour] + ".strategies").StrategyRegistry
     owned = []
     for base, class_name in STRATEGY_CLASSES.items():
-        for suffix, start_method in (("", "popen"), ("_spawn", "spawn")):
+        for suffix, start_method in _VARIANTS:
             name = base + suffix
             if name in registry:
                 if repr(registry[name]["strategy"]) != f"{NAMESPACES[flavour]}.strategies.{class_name}":

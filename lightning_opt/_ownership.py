@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.nn import Module
 
@@ -58,12 +59,32 @@ def _is_own_object(obj: Any) -> bool:
             and not isinstance(obj, (type, Module)))
 
 
+class _GeneratorState:
+    """A ``torch.Generator`` in transit: its state travels as bytes (``torch.multiprocessing`` cannot rebuild the
+    shared-memory copy of a generator's state tensor in a spawned process)."""
+
+    def __init__(self, gen: torch.Generator) -> None:
+        self.device = str(gen.device)
+        self.state = bytes(gen.get_state().numpy().tobytes())
+
+    def rebuild(self) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.set_state(torch.frombuffer(bytearray(self.state), dtype=torch.uint8))
+        return gen
+
+
 class RankLocal:
     """Mixin for objects that Lightning may pickle into the ranks: after unpickling, no tensor they hold is
-    shared with another process (see the module docstring)."""
+    shared with another process, and their ``torch.Generator`` attributes travel as plain bytes (see the module
+    docstring)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        parent = getattr(super(), "__getstate__", None)
+        state = dict(parent() if parent is not None else self.__dict__)
+        return {k: _GeneratorState(v) if isinstance(v, torch.Generator) else v for k, v in state.items()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = own(state)
+        state = {k: v.rebuild() if isinstance(v, _GeneratorState) else v for k, v in own(state).items()}
         parent = getattr(super(), "__setstate__", None)
         if parent is not None:
             parent(state)

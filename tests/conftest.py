@@ -12,3 +12,27 @@ def out_dir(tmp_path):
     d = tmp_path / "out"
     d.mkdir()
     return d
+
+
+class Flavour:
+    """One Lightning package and the lightning-opt namespace built on it (see ``lightning_opt/_flavour.py``)."""
+
+    def __init__(self, name: str) -> None:
+        import importlib
+
+        from lightning_opt import _flavour
+
+        self.name = name
+        self.namespace = _flavour.NAMESPACES[name]
+        self.pl = importlib.import_module(_flavour.PACKAGES[name])
+        self.strategies = importlib.import_module(self.namespace + ".strategies")
+        self.callbacks = importlib.import_module(self.namespace + ".callbacks")
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(params=["pytorch_lightning", "lightning"])
+def flavour(request) -> Flavour:
+    """Run the test once per Lightning package (``pytorch_lightning`` and ``lightning.pytorch``)."""
+    return Flavour(request.param)

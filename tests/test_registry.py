@@ -1,40 +1,86 @@
-"""Importing lightning_opt registers its strategy names idempotently and never shadows Lightning's names."""
+"""Strategy names are registered in both Lightning packages' registries, lazily, idempotently, never shadowing."""
 
-import importlib
 import subprocess
 import sys
 
-import pytorch_lightning as pl
-from pytorch_lightning.strategies import StrategyRegistry
+import pytest
 
 import lightning_opt
-from lightning_opt.strategies import LocalSGDStrategy
+from lightning_opt import _flavour
 
 
-def test_names_registered_with_start_methods():
-    assert StrategyRegistry["local_sgd"]["strategy"] is LocalSGDStrategy
-    assert StrategyRegistry["local_sgd"]["init_params"]["start_method"] == "popen"
-    assert StrategyRegistry["local_sgd_spawn"]["init_params"]["start_method"] == "spawn"
-    assert set(lightning_opt.STRATEGY_NAMES) >= {"local_sgd", "local_sgd_spawn"}
+def test_names_registered_with_start_methods(flavour):
+    registry = flavour.pl.strategies.StrategyRegistry
+    assert registry["local_sgd"]["strategy"].resolve() is flavour.strategies.LocalSGDStrategy
+    assert registry["local_sgd"]["init_params"]["start_method"] == "popen"
+    assert registry["local_sgd_spawn"]["init_params"]["start_method"] == "spawn"
+    assert registry["lsgd_notebook"]["init_params"]["start_method"] == "fork"
+    assert set(lightning_opt.STRATEGY_NAMES) <= set(registry.available_strategies())
+    assert {"local_sgd", "lsgd", "lookahead", "easgd"} <= set(lightning_opt.STRATEGY_NAMES)
 
 
-def test_reimport_is_harmless_and_lightning_names_untouched():
-    before = {name: StrategyRegistry[name]["strategy"] for name in ("ddp", "ddp_spawn", "fsdp", "deepspeed")
-              if name in StrategyRegistry}
-    importlib.reload(lightning_opt)
-    importlib.reload(lightning_opt)
-    assert {name: StrategyRegistry[name]["strategy"] for name in before} == before
+def test_static_names_match_the_classes(flavour):
+    assert {cls.strategy_name: cls.__name__ for cls in flavour.strategies.STRATEGIES} == _flavour.STRATEGY_CLASSES
+
+
+def test_reregistering_is_harmless_and_lightning_names_untouched(flavour):
+    registry = flavour.pl.strategies.StrategyRegistry
+    before = {name: registry[name]["strategy"] for name in ("ddp", "ddp_spawn", "fsdp", "deepspeed")
+              if name in registry}
+    lightning_opt.register_strategies(flavour.name)
+    lightning_opt.register_strategies(flavour.name)
+    assert {name: registry[name]["strategy"] for name in before} == before
     assert all(not n.startswith(("ddp", "fsdp", "deepspeed")) for n in lightning_opt.STRATEGY_NAMES)
 
 
-def test_trainer_resolves_registry_name_single_device():
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="local_sgd", logger=False)
-    assert isinstance(trainer.strategy, LocalSGDStrategy)
+def test_trainer_resolves_registry_name_single_device(flavour):
+    trainer = flavour.pl.Trainer(accelerator="cpu", devices=1, strategy="lsgd", logger=False)
+    assert isinstance(trainer.strategy, flavour.strategies.LSGDStrategy)
 
 
-def test_fresh_interpreter_import_twice():
-    code = "import lightning_opt, importlib; importlib.reload(lightning_opt); print(lightning_opt.STRATEGY_NAMES)"
+def test_objects_of_one_package_are_rejected_by_the_other_with_lightnings_error():
+    import lightning.pytorch as L
+    from lightning_opt.pytorch_lightning.strategies import LocalSGDStrategy
+
+    with pytest.raises(ValueError, match="lightning.pytorch.strategies.Strategy"):
+        L.Trainer(accelerator="cpu", devices=1, strategy=LocalSGDStrategy(), logger=False)
+
+
+def _run(code: str, **env: str) -> str:
     out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "local_sgd" in out.stdout
+                         timeout=120, env={**__import__("os").environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_import_loads_no_lightning_and_registers_on_lightnings_import():
+    code = ("import sys, lightning_opt, lightning_opt.optim, lightning_opt.stats; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')));"
+            "import lightning.pytorch as L; print('local_sgd' in L.strategies.StrategyRegistry)")
+    assert _run(code).split("\n")[:2] == ["[]", "True"]
+
+
+def test_registration_when_lightning_was_imported_first():
+    code = ("import pytorch_lightning as pl, importlib, lightning_opt; importlib.reload(lightning_opt); "
+            "print(pl.strategies.StrategyRegistry['easgd_spawn']['strategy'])")
+    assert _run(code).strip() == "lightning_opt.pytorch_lightning.strategies.EASGDStrategy"
+
+
+@pytest.mark.parametrize("chosen", ["lightning", "pytorch_lightning"])
+def test_default_namespace_follows_the_environment(chosen):
+    code = ("import lightning_opt.strategies as s, lightning_opt.callbacks as c; "
+            "base = lambda cls, name: next(b.__module__ for b in cls.__mro__ if b.__name__ == name); "
+            "print(base(s.LocalSGDStrategy, 'DDPStrategy'), base(c.GradNormMonitor, 'Callback')); "
+            f"import lightning_opt.{chosen}.strategies as n; "
+            "print(n is s, n.ConstantHorizon is s.ConstantHorizon, n.NonFiniteError is s.NonFiniteError)")
+    out = _run(code, LIGHTNING_OPT_PACKAGE=chosen).split("\n")
+    base = _flavour.PACKAGES[chosen]
+    assert out[0] == f"{base}.strategies.ddp {base}.callbacks.callback"
+    assert out[1] == "True True True"
+
+
+def test_unknown_package_in_the_environment_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-c", "import lightning_opt.strategies"], capture_output=True, text=True,
+                         timeout=60, env={**__import__("os").environ, "LIGHTNING_OPT_PACKAGE": "lightnin"})
+    assert out.returncode != 0
+    assert "LIGHTNING_OPT_PACKAGE='lightnin' is not a Lightning package" in out.stderr

@@ -5,10 +5,12 @@ Rules (shared by every periodic strategy, and by the consensus built for evaluat
 * **Parameters** are averaged / pulled and strictly checked: any non-finite value is corruption.
 * **Non-persistent buffers** (``register_buffer(..., persistent=False)``: causal masks, rotary caches,
   ``position_ids``) are derived state that every rank computes for itself: never synchronised, never judged.
-* **Persistent buffers** are synchronised (floats averaged or pulled, integers taken from rank 0) only when some
-  rank *wrote* them since the last synchronisation (``Tensor._version``, agreed by one tiny all-reduce). Buffers
-  nobody writes (a mask or a position table kept in ``state_dict``) are identical on every rank already and cost
-  nothing; BatchNorm statistics are written every training step and so are averaged as before.
+* **Persistent buffers** are synchronised (floats averaged or pulled, integers taken from rank 0) only where
+  they *differ* between ranks, judged by a bit-exact fingerprint per buffer (two integer sums, agreed by one tiny
+  all-reduce). Buffers that are identical on every rank (a mask or a position table kept in ``state_dict``, a
+  step counter) need no averaging and cost nothing; BatchNorm statistics differ after local steps and are
+  averaged as before. (``Tensor._version`` cannot tell: kernels such as batch norm update their running
+  statistics without bumping it.)
 * A buffer's value is **corruption** when it *became* non-finite: a non-finite entry where the buffer held a
   finite one when it was first seen (after the initial broadcast). A buffer that holds ``-inf`` by design (an
   additive attention mask) is therefore judged on its other entries only.
@@ -39,44 +41,43 @@ def persistent_buffers(module: nn.Module) -> list[Tensor]:
     return out
 
 
+def fingerprint(t: Tensor) -> Tensor:
+    """Two int64 sums of the bit patterns of ``t`` (plain and position-weighted; wrapping): equal on two ranks
+    when, and in practice only when, the tensors are bit-identical."""
+    flat = t.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}.get(flat.element_size(), torch.int16)
+                         if flat.element_size() in (2, 4, 8) else torch.uint8)
+    bits = flat.to(torch.int64)
+    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+    return torch.stack([bits.sum(), (bits * weights).sum()])
+
+
 class BufferRules:
     """Implements the module docstring's rules for one module. Call :meth:`reset` once the ranks hold identical
-    weights (after the initial broadcast), :meth:`to_sync` at a synchronisation (a collective) and :meth:`mark`
-    after writing the synchronised values."""
+    weights (after the initial broadcast) and :meth:`to_sync` (a collective) where buffers are synchronised."""
 
     def __init__(self) -> None:
-        self._versions: dict[int, tuple[Tensor, int]] = {}
         self._designed: dict[int, tuple[Tensor, Tensor]] = {}
 
     def reset(self, module: nn.Module) -> None:
-        """Record the buffers' non-finite entries (by design, from now on) and their versions."""
+        """Record the buffers' non-finite entries: by design from now on."""
         self._designed = {}
         for buf in persistent_buffers(module):
             if buf.is_floating_point() and not all_finite([buf]):
                 self._designed[id(buf)] = (buf, ~torch.isfinite(buf))
-        self.mark(persistent_buffers(module))
-
-    def mark(self, buffers: Sequence[Tensor]) -> None:
-        """The buffers' current values are synchronised (identical on every rank)."""
-        for buf in buffers:
-            self._versions[id(buf)] = (buf, buf._version)
-
-    def _written(self, buf: Tensor) -> bool:
-        seen = self._versions.get(id(buf))
-        return seen is None or seen[0] is not buf or seen[1] != buf._version
 
     def to_sync(self, module: nn.Module, group: object = None) -> list[Tensor]:
-        """Persistent buffers that some rank wrote since they were last marked (every rank gets the same list:
-        one all-reduce of a flag per buffer)."""
+        """Persistent buffers that differ between ranks (every rank gets the same list)."""
         buffers = persistent_buffers(module)
-        if not buffers:
-            return []
-        written = torch.tensor([float(self._written(b)) for b in buffers])
-        if is_dist():
-            device = buffers[0].device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-            written = written.to(device)
-            dist.all_reduce(written, op=dist.ReduceOp.MAX, group=group)
-        return [b for b, w in zip(buffers, written.tolist()) if w > 0]
+        if not buffers or not is_dist():
+            return buffers
+        device = buffers[0].device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        prints = torch.stack([fingerprint(b).to(device) for b in buffers])
+        both = torch.cat([prints, -prints], dim=1)  # max of x and of -x: equal on all ranks iff max == min
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        differs = (both[:, :2] != -both[:, 2:]).any(dim=1).tolist()
+        return [b for b, d in zip(buffers, differs) if d]
 
     def corrupt(self, tensors: Sequence[Tensor]) -> bool:
         """Whether any of ``tensors`` holds a non-finite value it was not designed to hold (one host sync)."""

@@ -168,8 +168,8 @@ class LSGDStrategy(PeriodicSyncStrategy):
         return self.eval_weights == "local"
 
     def _pulled_tensors(self) -> list[Tensor]:
-        """The optimizer's parameters and the floating-point buffers written since the last sync (a collective);
-        buffers nobody writes (masks, tables) are equal on every rank and would turn ``-inf`` into NaN here."""
+        """The optimizer's parameters and the floating-point buffers that differ between ranks (a collective);
+        identical ones (masks, tables) need no pull, and a ``-inf`` mask would turn into NaN under one."""
         return list(self._opt_params(0)) + [b for b in self._buffers_to_sync() if b.is_floating_point()]
 
     def _pull_toward(self, tensors: list[Tensor], leader: int | None, lam: float, group: Any, step: int) -> None:

@@ -135,7 +135,7 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         return list(module.parameters()) + list(module.buffers())
 
     def _buffers_to_sync(self) -> list[Tensor]:
-        """Persistent buffers some rank wrote since the last sync (a collective; see ``distributed/buffers.py``)."""
+        """Persistent buffers that differ between ranks (a collective; see ``distributed/buffers.py``)."""
         return self._buffer_rules.to_sync(self.lightning_module)
 
     def _opt_index(self, optimizer: Optimizer) -> int:
@@ -327,7 +327,8 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         return out
 
     def _average_buffers_now(self, step: int) -> None:
-        """Written float buffers averaged (if ``average_buffers``), written integer buffers taken from rank 0."""
+        """Float buffers that differ between ranks averaged (if ``average_buffers``), integer ones taken from rank 0;
+        buffers identical on every rank (masks, tables, counters) are left alone."""
         if not is_dist():
             return
         buffers = self._buffers_to_sync()
@@ -338,7 +339,6 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         ints = [b for b in buffers if not b.is_floating_point()]
         if ints:
             broadcast_flat(ints, src=0, meter=self.meter)
-        self._buffer_rules.mark(floats + ints)
 
     # ------------------------------------------------------------------ consensus weights
     def _consensus(self) -> list[Tensor]:
@@ -351,8 +351,8 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
                 for t in tensors]
 
     def _consensus_ids(self) -> set[int]:
-        """Tensors the consensus averages (a collective): parameters and the persistent buffers written since the
-        last sync; the others are identical on every rank or derived (see ``distributed/buffers.py``)."""
+        """Tensors the consensus averages (a collective): parameters and the persistent buffers that differ between
+        ranks; the others are identical on every rank or derived (see ``distributed/buffers.py``)."""
         return {id(p) for p in self.lightning_module.parameters()} | {id(b) for b in self._buffers_to_sync()}
 
     @contextmanager

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_opt import _flavour
+
+# The Lightning package of the default namespace ($LIGHTNING_OPT_PACKAGE), so one script runs under either.
+pl = _flavour.lightning_module()
 
 
 def make_data(n: int = 96, d: int = 6, seed: int = 0) -> TensorDataset:
