@@ -69,8 +69,9 @@ def test_launchers_give_identical_runs(runs, run):
             assert torch.equal(a["params"], b["params"]), (case, rank)
             assert a["history"] == b["history"], (case, rank)
             _same_values(_logged(a["logged"]), _logged(b["logged"]))
-        # the ranks trained on different shards: a launcher that shared state between them would show here
-        assert not torch.equal(_load(other, case, 0)["params"][0], _load(other, case, 1)["params"][0]), case
+        if case != "lookahead_sync":  # (whose inner steps are DDP steps)
+            # the ranks trained on different shards: a launcher that shared state between them would show here
+            assert not torch.equal(_load(other, case, 0)["params"][0], _load(other, case, 1)["params"][0]), case
 
 
 def test_lsgd_scores_are_each_ranks_own(runs):

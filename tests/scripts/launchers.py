@@ -5,7 +5,7 @@ callbacks logged, and LSGD's leader history. The test compares launchers (and Li
 Usage: launchers.py OUT LAUNCHER [CASE,...]     LAUNCHER: popen | spawn | fork | torchrun
 (popen: Lightning re-runs this script for rank 1; spawn / fork: Lightning starts both ranks from this process for
 every fit; torchrun: ``python -m torch.distributed.run --standalone --nproc_per_node=2 launchers.py OUT torchrun``,
-which also checkpoints at step 3 and resumes from it, to compare with the uninterrupted run.)
+which also checkpoints at step 3 (an epoch end, mid-period) and resumes from it, to compare with the uninterrupted run.)
 The Lightning package is the default namespace's (``LIGHTNING_OPT_PACKAGE``).
 """
 
@@ -39,6 +39,15 @@ def cases(start_method: str) -> dict:
                             lambda: [TimeAverageMonitor()]),
         "easgd": (EASGDStrategy(period=2, beta=0.43, **kw), lambda: []),
     }
+
+
+class StepIndexed(TinyModel):
+    """Step ``k`` trains on this rank's batch ``k mod 3`` whatever the loader yields: Lightning replays batches
+    when it resumes from an epoch-end checkpoint of a non-stateful loader, which is not what this test is about."""
+
+    def training_step(self, batch, batch_idx):
+        batches = list(self._loader())
+        return super().training_step(batches[self.trainer.global_step % len(batches)], batch_idx)
 
 
 class RecordingLogger(pl.loggers.Logger):
@@ -86,7 +95,7 @@ def fit(strategy, callbacks: list, path: Path, max_steps: int = MAX_STEPS, ckpt_
         callbacks=[*callbacks, Record(path), *extra], logger=RecordingLogger(), log_every_n_steps=1,
         enable_checkpointing=bool(extra), enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(TinyModel(lr=0.05, momentum=0.9, n=64), ckpt_path=ckpt_path)
+    trainer.fit(StepIndexed(lr=0.05, momentum=0.9, n=48), ckpt_path=ckpt_path)  # 3 batches per epoch and rank
 
 
 def main() -> None:
@@ -100,8 +109,8 @@ def main() -> None:
             fit(strategy, callbacks(), out / name)
             continue
         ckpt_dir = out / f"ckpt_{name}"
-        every = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=RESUME_AT, save_top_k=-1,
-                                             filename="{step}")
+        # at the end of the first epoch (step 3), in the middle of a period
+        every = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1, filename="{step}")
         fit(strategy, callbacks(), out / name, extra=[every])
         fresh, more = cases(start_method)[name]
         fit(fresh, more(), out / f"{name}_resumed", ckpt_path=ckpt_dir / f"step={RESUME_AT}.ckpt")
