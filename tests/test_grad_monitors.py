@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from dist import run_script
-from pytorch_lightning.loggers.logger import Logger
+from scripts._common import CaptureLogger
 from scripts.monitors_model import StatsSGD, TinyMLP, make_dataset
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -21,34 +21,6 @@ NOISE_KEYS = [
     "noise/norm", "noise/grad_sq", "noise/b_simple", "noise/b_simple_ema",
     *[f"noise/tail_alpha_{n}{s}" for n in ("coord", "sample", "hill") for s in ("", "_lo", "_hi")],
 ]
-
-
-class CaptureLogger(Logger):
-    """Records every ``log_metrics`` call (step, metrics)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    def steps_with(self, key: str) -> list[int]:
-        return [s for s, m in self.calls if key in m]
-
-    def values(self, key: str) -> list[float]:
-        return [m[key] for _, m in self.calls if key in m]
 
 
 def fit(callbacks, *, steps=24, logger=None, seed=0, **model_kwargs):

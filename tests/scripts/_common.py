@@ -68,6 +68,34 @@ class TinyModel(pl.LightningModule):
         return self._loader()
 
 
+class CaptureLogger(pl.loggers.Logger):
+    """Records every ``log_metrics`` call as (step, metrics) on the rank it runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def steps_with(self, key: str) -> list[int]:
+        return [s for s, m in self.calls if key in m]
+
+    def values(self, key: str) -> list[float]:
+        return [m[key] for _, m in self.calls if key in m]
+
+
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import TinyModel, flat_params, pl
+from _common import CaptureLogger, TinyModel, flat_params, pl
 
 from lightning_opt.callbacks import GradientNoiseMonitor, GradNormMonitor, SharpnessMonitor, TimeAverageMonitor
 from lightning_opt.strategies import EASGDStrategy, LocalSGDStrategy, LookaheadStrategy, LSGDStrategy
@@ -50,28 +50,6 @@ class StepIndexed(TinyModel):
         return super().training_step(batches[self.trainer.global_step % len(batches)], batch_idx)
 
 
-class RecordingLogger(pl.loggers.Logger):
-    """Keeps every ``log_metrics`` call (on every rank); the Record callback saves them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
-
-
 class Record(pl.Callback):
     """Saves this rank's trajectory, logged metrics and strategy history at the end of the fit."""
 
@@ -82,7 +60,7 @@ class Record(pl.Callback):
         self.params.append(flat_params(pl_module))
 
     def on_train_end(self, trainer, pl_module):
-        logged = [row for lg in trainer.loggers if isinstance(lg, RecordingLogger) for row in lg.rows]
+        logged = [row for lg in trainer.loggers if isinstance(lg, CaptureLogger) for row in lg.calls]
         history = getattr(trainer.strategy, "history", [])
         torch.save({"params": torch.stack(self.params), "final": flat_params(pl_module), "logged": logged,
                     "history": [(h["step"], h["scores"], h["leader"]) for h in history]},
@@ -92,7 +70,7 @@ class Record(pl.Callback):
 def fit(strategy, callbacks: list, path: Path, max_steps: int = MAX_STEPS, ckpt_path=None, extra=()) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, use_distributed_sampler=False,
-        callbacks=[*callbacks, Record(path), *extra], logger=RecordingLogger(), log_every_n_steps=1,
+        callbacks=[*callbacks, Record(path), *extra], logger=CaptureLogger(), log_every_n_steps=1,
         enable_checkpointing=bool(extra), enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(StepIndexed(lr=0.05, momentum=0.9, n=48), ckpt_path=ckpt_path)  # 3 batches per epoch and rank
