@@ -8,13 +8,13 @@ import yaml
 from dist import dist_env, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 CLI = [sys.executable, "-m", "lightning_opt.cli"]
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_round_trips(config, tmp_path):
+def test_config_round_trips_through_print_config(tmp_path):
+    # (every config is parsed and trained on 2 processes by test_launchers.py; printing is checked once here)
+    config = ROOT / "examples" / "configs" / "quickstart.yaml"
     printed = run_command([*CLI, "fit", "--config", config, "--print_config"], timeout=120, cwd=ROOT).stdout
     parsed = yaml.safe_load(printed)
     assert parsed["model"]["class_path"] and parsed["trainer"]["strategy"]
