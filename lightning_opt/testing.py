@@ -81,25 +81,17 @@ def run_ranks(script: str | os.PathLike, *args: str | os.PathLike, world_size: i
     """Launch ``world_size`` copies of the Python file ``script`` ourselves (``LOCAL_RANK``/``NODE_RANK`` set,
     so Lightning treats them as externally created ranks). Use this when one script runs several ``fit`` calls
     (the process group is reused) or to simulate ``nodes`` nodes on loopback. Returns each rank's output."""
-    env0 = dist_env(extra_env)
-    per_node = world_size // nodes
-    procs = []
-    for r in range(world_size):
-        env = dict(env0, LOCAL_RANK=str(r % per_node), NODE_RANK=str(r // per_node), WORLD_SIZE=str(world_size),
-                   RANK=str(r))
-        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                      start_new_session=True))
-    outs, failed = [], []
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+             for env in rank_envs(world_size, extra_env, nodes)]
+    outs: list[str] = []
     try:
-        for r, p in enumerate(procs):
-            out, _ = p.communicate(timeout=timeout)
-            outs.append(out)
-            if p.returncode != 0:
-                failed.append(r)
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
     except subprocess.TimeoutExpired:
-        failed.append(-1)
+        pass
     finally:
+        codes = [p.poll() for p in procs]  # None: still running when the timeout struck
         for p in procs:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -107,8 +99,21 @@ def run_ranks(script: str | os.PathLike, *args: str | os.PathLike, world_size: i
                 pass
         while len(outs) < len(procs):
             outs.append(procs[len(outs)].communicate()[0])
+    return check_ranks(script, list(zip(codes, outs)))
+
+
+def rank_envs(world_size: int, extra_env: dict[str, str] | None = None, nodes: int = 1) -> list[dict[str, str]]:
+    """One :func:`dist_env` per rank with ``LOCAL_RANK``/``NODE_RANK``/``WORLD_SIZE``/``RANK`` set."""
+    env0 = dist_env(extra_env)
+    per_node = world_size // nodes
+    return [dict(env0, LOCAL_RANK=str(r % per_node), NODE_RANK=str(r // per_node), WORLD_SIZE=str(world_size),
+                 RANK=str(r)) for r in range(world_size)]
+
+
+def check_ranks(script: str | os.PathLike, results: Sequence[tuple[int | None, str]]) -> list[str]:
+    """Each rank's output; raise with every rank's output tail if one failed (code != 0) or timed out (None)."""
+    failed = [r for r, (code, _) in enumerate(results) if code != 0]
     if failed:
-        detail = "\n".join(f"--- rank {r} (rc={p.returncode})\n{o[-5000:]}"
-                            for r, (p, o) in enumerate(zip(procs, outs)))
+        detail = "\n".join(f"--- rank {r} (rc={code})\n{out[-5000:]}" for r, (code, out) in enumerate(results))
         raise AssertionError(f"ranks failed or timed out ({failed}) in {script}\n{detail}")
-    return outs
+    return [out for _, out in results]

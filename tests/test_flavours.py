@@ -47,6 +47,6 @@ def test_cli_with_only_one_lightning_package_installed(hidden, tmp_path):
     out = run_script("hidden_package.py", hidden, "fit", "--config", "examples/configs/quickstart.yaml",
                      "--trainer.devices=1", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
                      f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                     timeout=240).stdout
+                     timeout=240, fresh=True).stdout
     used = "lightning" if hidden == "pytorch_lightning" else "pytorch_lightning"
     assert f"DEFAULT {used} TRAINER {_flavour.PACKAGES[used]}.trainer.trainer STEPS 2" in out

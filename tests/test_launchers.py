@@ -35,9 +35,9 @@ def runs(tmp_path_factory):
             env = dist_env({"LIGHTNING_OPT_PACKAGE": package})
             if launcher == "torchrun":
                 run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             SCRIPTS / "launchers.py", out, launcher], timeout=380, env=env)
+                             SCRIPTS / "launchers.py", out, launcher], timeout=380, env=env, fresh=True)
             else:
-                run_script("launchers.py", out, launcher, timeout=380, env=env)
+                run_script("launchers.py", out, launcher, timeout=380, env=env, fresh=True)
             cache[run] = out
         return cache[run]
 

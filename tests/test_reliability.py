@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from dist import SCRIPTS, dist_env, run_ranks
+from dist import SCRIPTS, dist_env, run_command, run_ranks
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -49,3 +49,19 @@ def test_killed_rank_fails_fast_and_checkpoint_resumes_exactly(tmp_path):
     run_ranks("killed_rank.py", tmp_path, "resume1", last, world_size=1, timeout=300)
     assert "world size 2" in (tmp_path / "resume1_rank0.warnings").read_text()
     assert torch.isfinite(torch.load(tmp_path / "resume1_rank0.pt")).all()
+
+
+RELEASE = """
+import atexit, os, torch.distributed as dist
+from lightning_opt.distributed.lifecycle import release_at_exit
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))  # runs last (LIFO)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["MASTER_PORT"], rank=0, world_size=1)
+release_at_exit()
+release_at_exit()  # once per process
+"""
+
+
+def test_gloo_group_is_destroyed_before_the_interpreter_finalises():
+    # a live gloo group at finalisation can abort the process (lifecycle.py); the strategies register this handler
+    out = run_command([sys.executable, "-c", RELEASE], timeout=120).stdout
+    assert "initialized at exit: False" in out

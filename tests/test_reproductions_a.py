@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "examples" / "reproductions"
@@ -22,10 +22,8 @@ SCRIPTS = ROOT / "examples" / "reproductions"
 
 def _run(script: str, tmp_path: Path, timeout: float = 240.0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / script), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    proc = run_python([sys.executable, SCRIPTS / script, "--quick", "--out", tmp_path], cwd=ROOT, env=env,
+                      timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert len(lines) == 1, proc.stdout[-2000:]

@@ -3,11 +3,11 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist import run_python
 
 from lightning_opt.testing import dist_env
 
@@ -19,8 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproductions" / "m
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro_b")
     png = out / "mc.png"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--png", str(png), "--workdir", str(out / "logs")],
-                          capture_output=True, text=True, timeout=280, env=dist_env())
+    proc = run_python([sys.executable, SCRIPT, "--quick", "--png", png, "--workdir", out / "logs"], timeout=280,
+                      env=dist_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout[proc.stdout.index("{"):]), png, out / "logs"
 

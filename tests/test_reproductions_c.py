@@ -4,19 +4,18 @@ PNG, and only qualitative claims that are robust at that size."""
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist import run_python
 
 pytestmark = pytest.mark.timeout(180)
 DIR = Path(__file__).resolve().parents[1] / "examples" / "reproductions"
 
 
 def _run(script: str, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(DIR / script), "--quick", "--out", str(out)], capture_output=True,
-                          text=True, timeout=170)
+    proc = run_python([sys.executable, DIR / script, "--quick", "--out", out], timeout=170)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])

@@ -41,6 +41,7 @@ from lightning_opt.distributed import (
     write_back,
 )
 from lightning_opt.distributed.buffers import BufferRules
+from lightning_opt.distributed.lifecycle import release_at_exit
 from lightning_opt.distributed.overlap import OverlappedGradSum
 from lightning_opt.strategies._validate import as_timeout, check_bool, check_choice, check_float, check_int
 from lightning_opt.strategies.errors import NonFiniteError
@@ -100,6 +101,10 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         self._buffer_rules = BufferRules()
 
     # ------------------------------------------------------------------ setup
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        release_at_exit()  # gloo groups alive at interpreter exit can abort the process (see lifecycle.py)
+
     def configure_ddp(self) -> None:
         """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
         self._check_supported()
