@@ -48,6 +48,11 @@ _CANDIDATES = ("strategies", "callbacks", "examples", "tensorboard", "cli")
 #: strategy registry names -> class names in ``<namespace>.strategies``
 STRATEGY_CLASSES = {"local_sgd": "LocalSGDStrategy", "lsgd": "LSGDStrategy", "lookahead": "LookaheadStrategy",
                     "easgd": "EASGDStrategy"}
+#: What a registry name means beyond the class defaults (README's table states them): the class defaults of LSGD
+#: (τ = 64, λ = 0.1, a 10-batch window) and Lookahead (k = 5, α = 0.5) are already their papers' settings; Local SGD
+#: by name syncs every 8 steps (its class default, period=1, is parameter averaging every step: DDP's bytes), and
+#: EASGD by name uses the LSGD paper's EASGD baseline, τ = 64 with β = 0.43.
+REGISTRY_DEFAULTS: dict[str, dict[str, Any]] = {"local_sgd": {"period": 8}, "easgd": {"period": 64}}
 _ROOT = Path(__file__).resolve().parent
 _PL_NAME = re.compile(r"\bpytorch_lightning\b")
 _OWN_NAME = re.compile(r"\blightning_opt\.((?:" + "|".join(_CANDIDATES) + r")(?:\.\w+)*)")
@@ -241,9 +246,11 @@ def register(flavour: str) -> list[str]:
                                   stacklevel=2)
                     continue
             else:
+                defaults = REGISTRY_DEFAULTS.get(base, {})
+                settings = "".join(f", {k}={v!r}" for k, v in defaults.items())
                 registry.register(name, LazyStrategy(flavour, class_name),
-                                  description=f"{class_name} (lightning-opt), start_method={start_method!r}",
-                                  start_method=start_method)
+                                  description=f"{class_name} (lightning-opt){settings}, start_method={start_method!r}",
+                                  start_method=start_method, **defaults)
             owned.append(name)
     return owned
 

@@ -18,6 +18,8 @@ from typing import Any
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
 import lightning_opt  # noqa: F401  (registers the strategy names before the parser is built)
+import lightning_opt.callbacks  # noqa: F401  (imported, so `--help` lists them among the known subclasses)
+import lightning_opt.optim  # noqa: F401
 
 
 class LightningOptCLI(LightningCLI):

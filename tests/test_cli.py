@@ -33,6 +33,16 @@ def test_help_lists_subcommands():
     assert "fit" in out and "validate" in out
 
 
+def test_fit_help_lists_our_optimizers_and_callbacks():
+    out = run_command([*CLI, "fit", "--help"], timeout=120).stdout
+    start = out.index("\n  --optimizer CONFIG")  # the option's help, not the usage line
+    optimizer_help = out[start:out.index("\n  --lr_scheduler CONFIG", start)]
+    for name in ("ACClip", "ClippedSGD", "NormalizedSGD", "StochasticINGD"):
+        assert f"lightning_opt.optim.{name}" in optimizer_help, name
+    for name in ("GradNormMonitor", "GradientNoiseMonitor", "SharpnessMonitor", "TimeAverageMonitor"):
+        assert f"lightning_opt.callbacks.{name}" in out, name
+
+
 def test_fit_by_registry_name_two_processes(tmp_path):
     cfg = _config(tmp_path, "local_sgd")
     out = run_command([CONSOLE_SCRIPT, "fit", "--config", cfg], timeout=300, env=dist_env()).stdout

@@ -98,3 +98,12 @@ def test_eval_weights_center_leader_local_and_logged_sync_metrics(tmp_path):
     leaders = [e.value for e in acc.Scalars("lsgd/leader")]
     assert leaders == [1.0, 1.0] and acc.Scalars("lsgd/score_spread")[0].value > 0.5
     assert "comm/bytes" in acc.Tags()["scalars"]
+
+
+def test_global_period_needs_a_fixed_period_and_says_so_at_construction():
+    from lightning_opt.strategies import ConstantHorizon, LSGDStrategy
+
+    with pytest.raises(ValueError, match=r"`global_period` needs a fixed integer `period`.*ConstantHorizon.*16"):
+        LSGDStrategy(period=ConstantHorizon(0.4), global_period=16)
+    with pytest.raises(ValueError, match=r"`global_period` must be a multiple of `period` \(4\), got 6"):
+        LSGDStrategy(period=4, global_period=6)

@@ -5,7 +5,8 @@ period 4, so the syncs are after steps 4 and 8. The documented policies:
 
 * strategy ``nonfinite="raise"``: :class:`NonFiniteError` on every rank, naming the rank and the step;
 * strategy ``nonfinite="drop"``: the bad rank is left out of the average and reset to the consensus;
-* LSGD: a rank with non-finite parameters or scores never leads and is reset to its leader (whatever the policy);
+* LSGD: a rank with non-finite parameters or scores never leads; non-finite parameters meet the policy at the
+  sync (``raise``: the error above; ``drop``: reset to its leader);
 * Lookahead ``mode="sync"``: gradients are averaged every step, so the policy acts at that average (step 6);
 * the package optimizers, ``nonfinite="skip"``: the step is skipped (counted); ``"raise"``:
   :class:`NonFiniteGradientError` on the rank that saw it, parameters untouched.
@@ -103,21 +104,28 @@ def test_averaging_strategies(runs, strategy, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_lsgd_nonfinite_rank_never_leads_and_is_reset(runs, case):
+def test_lsgd_nonfinite_rank_never_leads_then_raises_or_is_reset(runs, case):
     r0, r1 = (d[case] for d in runs("lsgd"))
-    opt, inject, _policy = case.split("-")
+    opt, inject, policy = case.split("-")
     _healthy_rank_never_poisoned(r0)
-    # rank 1 has the lower (offset) loss, so it leads at step 4; at step 8 its score is +inf and rank 0 leads
+    # rank 1 has the lower (offset) loss, so it leads at step 4; at step 8 its score is +inf
     for r in (r0, r1):
-        assert [h["leader"] for h in r["history"]] == [1, 0]
-        assert r["history"][1]["scores"][1] == float("inf") and r["history"][1]["scores"][0] < float("inf")
+        assert r["history"][0]["leader"] == 1
     if opt in GUARDED and inject == "grad":  # finite weights but an infinite loss in the window: pulled, not reset
         _assert_step_skipped(r0, r1)
+        for r in (r0, r1):
+            assert [h["leader"] for h in r["history"]] == [1, 0]
+            assert r["history"][1]["scores"][1] == float("inf") and r["history"][1]["scores"][0] < float("inf")
         assert not torch.equal(r1["params"][7], r0["params"][7])
+    elif policy == "raise":  # the same meaning as in the averaging strategies
+        _assert_raised_everywhere(r0, r1, 8, "parameters")
+        assert r0["params"].shape[0] == r1["params"].shape[0] == 7
     else:
+        for r in (r0, r1):
+            assert [h["leader"] for h in r["history"]] == [1, 0]
         _assert_reset_at_step_8(r0, r1)
-        assert any("rank 1 has non-finite parameters at optimizer step 8; reset to its leader (rank 0)" in w
-                   for w in r1["warnings"])
+        assert any("rank 1 has non-finite parameters at optimizer step 8; dropped from the leader election and "
+                   "reset to its leader (rank 0)" in w for w in r1["warnings"])
 
 
 @pytest.mark.parametrize("case", [c for c in SYNC_CASES if c.endswith("raise")] + ["clipped_raise-grad-raise"])

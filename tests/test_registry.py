@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,37 @@ def test_reregistering_is_harmless_and_lightning_names_untouched(flavour):
     lightning_opt.register_strategies(flavour.name)
     assert {name: registry[name]["strategy"] for name in before} == before
     assert all(not n.startswith(("ddp", "fsdp", "deepspeed")) for n in lightning_opt.STRATEGY_NAMES)
+
+
+# what each name means (README's "Registry names" table), written down independently of the registry's table
+NAMED_SETTINGS = {
+    "local_sgd": {"period": 8, "warmup_steps": 0},
+    "lsgd": {"period": 64, "pull": 0.1, "leader_window": 10},
+    "lookahead": {"period": 5, "alpha": 0.5, "mode": "sync"},
+    "easgd": {"period": 64, "beta": 0.43},
+}
+
+
+@pytest.mark.parametrize("suffix", ["", "_spawn", "_notebook"])
+@pytest.mark.parametrize("name", sorted(NAMED_SETTINGS))
+def test_registry_names_carry_their_methods_settings(flavour, name, suffix):
+    trainer = flavour.pl.Trainer(accelerator="cpu", devices=1, strategy=name + suffix, logger=False)
+    strategy = trainer.strategy
+    for key, value in NAMED_SETTINGS[name].items():
+        got = strategy.schedule.period if key == "period" else getattr(strategy, key)
+        assert got == value, (name, key)
+
+
+def test_readme_lists_every_registered_name_with_its_settings():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Registry names"):]
+    table = table[:table.index("\n\n", table.index("| name |"))]
+    rows = {line.split("|")[1].strip(" `"): line for line in table.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(_flavour.STRATEGY_CLASSES)
+    for name, settings in NAMED_SETTINGS.items():
+        for key, value in settings.items():
+            if key != "warmup_steps":
+                assert f"`{key}={value!r}`".replace("'", '"') in rows[name], (name, key)
 
 
 def test_trainer_resolves_registry_name_single_device(flavour):

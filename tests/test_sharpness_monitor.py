@@ -46,7 +46,8 @@ def test_monitor_logs_to_tensorboard_and_matches_exact_hessian(tmp_path):
     scalars = _scalars(logger.log_dir)
     for key in ("lambda_max", "lambda_min", "eos_ratio", "neg_pos_ratio", "two_over_lr", "smoothness",
                 "smoothness_dHd", "L0", "L1", "advice_clip_lr", "advice_clip_threshold", "grad_norm", "matvecs"):
-        assert [s for s, _ in scalars[f"curvature/{key}"]] == [3, 6], key
+        # measured after optimizer steps 3 and 6, i.e. in training batches 2 and 5: Lightning's steps for them
+        assert [s for s, _ in scalars[f"curvature/{key}"]] == [2, 5], key
     last = mon.last
     assert last["step"] == 6
     assert scalars["curvature/lambda_max"][-1][1] == pytest.approx(last["curvature/lambda_max"], rel=1e-6)
@@ -187,8 +188,9 @@ def test_two_process_ddp(out_dir):
     assert r0["published"] == r1["published"]
     # only rank 0 wrote TensorBoard events; they hold both monitors' series
     scalars = _scalars(r0["log_dir"])
-    assert [s for s, _ in scalars["curvature/lambda_max"]] == [2, 4]
-    assert [s for s, _ in scalars["local/lambda_max"]] == [2, 4]
+    # measured after optimizer steps 2 and 4 (training batches 1 and 3): logged at Lightning's steps for them
+    assert [s for s, _ in scalars["curvature/lambda_max"]] == [1, 3]
+    assert [s for s, _ in scalars["local/lambda_max"]] == [1, 3]
     assert scalars["curvature/lambda_max"][-1][1] == pytest.approx(r0["global"]["curvature/lambda_max"], rel=1e-6)
     assert r1["event_files_rank1"] == 0
     # checkpoint holds every rank's fixed probe batch
@@ -221,7 +223,7 @@ def test_cost_aware_default_keeps_the_monitor_within_its_budget(tmp_path):
     assert 0.0 < mon._budget.share() <= 0.3
     assert mon._budget.share() >= 0.05  # and the schedule does use the budget (not vacuously cheap)
     scalars = _scalars(logger.log_dir)
-    assert [s for s, _ in scalars["curvature/overhead"]] == steps
+    assert [s for s, _ in scalars["curvature/overhead"]] == [s - 1 for s in steps]  # Lightning's step: batch index
 
 
 def test_cost_aware_default_defers_an_unaffordable_measurement(tmp_path, monkeypatch):
@@ -284,3 +286,30 @@ def test_cost_aware_schedule_agrees_across_ranks_with_different_step_times(out_d
     for key in ("global", "local"):
         assert r0[key] == r1[key], key  # the same measured steps on both ranks (no collective mismatch)
         assert len(r0[key]) >= 2, r0
+
+
+class _FitThroughOrigin:
+    """An (L0, L1) fit that came out as L0 = 0 (curvature proportional to the gradient norm): no advice exists."""
+
+    def update(self, g, target):
+        pass
+
+    def fit(self):
+        return 0.0, 0.5
+
+    def advice(self):
+        from lightning_opt.stats.smoothness import clipping_advice
+
+        return clipping_advice(*self.fit())
+
+
+def test_advice_without_a_value_is_left_out_not_logged_as_nan():
+    model = TinyNet()
+    batch = next(iter(loader()))
+    mon = SharpnessMonitor(every_n_steps=1, max_iter=10)
+    with_fit = mon.measure(model, batch, lr=0.1)
+    assert all(math.isfinite(with_fit[f"curvature/{k}"]) for k in ("L0", "L1", "advice_clip_lr"))
+    mon.fit = _FitThroughOrigin()
+    out = mon.measure(model, batch, lr=0.1)
+    assert out["curvature/L0"] == 0.0 and out["curvature/L1"] == 0.5
+    assert "curvature/advice_clip_lr" not in out and "curvature/advice_clip_threshold" not in out

@@ -367,8 +367,8 @@ class GradientNoiseMonitor(RankLocal, Callback):
             packed[4 + m :] = grads[:, idx.to(dev)].reshape(-1).double()
             del grads
         gathered = all_gather_vector(packed)
-        if trainer.global_rank != 0:
-            return
+        # every rank reports from the same gathered rows (seeded without the rank), so ``noise/*`` exists with the
+        # same value everywhere: ModelCheckpoint/EarlyStopping monitoring it agree across ranks
         self._report(trainer, gathered.cpu(), m, k, step)
 
     def _report(self, trainer: pl.Trainer, gathered: Tensor, m: int, k: int, step: int) -> None:

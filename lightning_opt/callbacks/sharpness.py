@@ -67,6 +67,7 @@ from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, ran
 from torch import Tensor, nn
 
 from lightning_opt._ownership import RankLocal
+from lightning_opt._trainer_steps import logging_step
 from lightning_opt._validation import check_bool, check_choice, check_float, check_int
 from lightning_opt.callbacks._budget import OverheadBudget
 from lightning_opt.distributed.buckets import all_reduce_flat, is_dist
@@ -305,8 +306,8 @@ class SharpnessMonitor(RankLocal, Callback):
         for k, v in metrics.items():
             cb_metrics[k] = torch.tensor(v)
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            for logger in trainer.loggers:  # at Lightning's step for this batch (global_step has moved on)
+                logger.log_metrics(metrics, step=logging_step(trainer))
 
     # ------------------------------------------------------------------ measurement
     @torch.no_grad()
@@ -363,12 +364,14 @@ class SharpnessMonitor(RankLocal, Callback):
         local = torch.tensor([lam_max, lam_min, grad_norm, smooth, dhd, probe_loss, float(n_matvec),
                               converged],
                              dtype=torch.float64)
-        if mode == "local" and world > 1:
+        if world > 1:
+            # local mode: every rank measured its own weights; global mode: the products were already averaged, but
+            # the probe loss is each rank's own. Publish the rank mean either way, so every rank logs the same.
             gathered = all_gather_vector(local.to(device)).to("cpu", torch.float64)
-            mean = gathered.mean(0)
-            out["curvature/lambda_max_rank_max"] = float(gathered[:, 0].max())
-            out["curvature/lambda_min_rank_min"] = float(gathered[:, 1].min())
-            vals = mean.tolist()
+            if mode == "local":
+                out["curvature/lambda_max_rank_max"] = float(gathered[:, 0].max())
+                out["curvature/lambda_min_rank_min"] = float(gathered[:, 1].min())
+            vals = gathered.mean(0).tolist()
             vals[7] = float(gathered[:, 7].min())  # converged on every rank
         else:
             vals = local.tolist()
@@ -389,8 +392,11 @@ class SharpnessMonitor(RankLocal, Callback):
         self.fit.update(grad_norm, target)
         l0, l1 = self.fit.fit()
         eta_c, gamma = self.fit.advice()
-        out["curvature/L0"], out["curvature/L1"] = l0, l1
-        out["curvature/advice_clip_lr"], out["curvature/advice_clip_threshold"] = eta_c, gamma
+        # the fit and its advice have no value until the fit is determined (e.g. L0 = 0 gives η_c = 1/0): such
+        # keys are left out rather than logged as NaN
+        derived = {"curvature/L0": l0, "curvature/L1": l1, "curvature/advice_clip_lr": eta_c,
+                   "curvature/advice_clip_threshold": gamma}
+        out.update({k: float(v) for k, v in derived.items() if math.isfinite(v)})
         out["curvature/matvecs"] = n_matvec
         out["curvature/converged"] = converged
         out["curvature/mode_global"] = float(mode == "global")

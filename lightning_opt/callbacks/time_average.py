@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_opt._ownership import RankLocal
+from lightning_opt._trainer_steps import logs_this_step
 from lightning_opt.distributed.buckets import is_dist
 from lightning_opt.distributed.scalars import all_gather_vector
 from lightning_opt.stats.averages import BatchMeansWindow, CesaroAverage, WindowedAverage
@@ -374,7 +375,7 @@ class TimeAverageMonitor(RankLocal, Callback):
         self._win.update(values)
         if self._gain_due(trainer.global_step):
             self._gain_step(trainer, pl_module, outputs, batch, batch_idx)
-        if self._should_log(trainer):
+        if logs_this_step(trainer):  # Lightning's cadence (not should_stop, which may differ by rank)
             self._log(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpointing
@@ -442,18 +443,6 @@ class TimeAverageMonitor(RankLocal, Callback):
 
     def _gain_due(self, step: int) -> bool:
         return self.gain_every > 0 and step > 0 and step % self.gain_every == 0
-
-    @staticmethod
-    def _should_log(trainer: pl.Trainer) -> bool:
-        """Lightning's logging cadence for this step (without ``should_stop``, which may differ by rank)."""
-        n = trainer.log_every_n_steps
-        if not n:
-            return False
-        try:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
-        except AttributeError:  # pragma: no cover - other Lightning versions
-            step = trainer.global_step
-        return step % n == 0
 
     def _reset_phase(self) -> None:
         self._avg.reset()

@@ -125,11 +125,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
 
     def _log_sync(self, step: int, center_move: list[Tensor]) -> None:
         self.last_center_step_norm = float(torch.stack(torch._foreach_norm(center_move)).norm())
-        trainer = getattr(self.lightning_module, "_trainer", None)
-        if trainer is not None and self.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"easgd/center_step_norm": self.last_center_step_norm, **self.comm_stats},
-                                   step=step)
+        self._log_metrics({"easgd/center_step_norm": self.last_center_step_norm, **self.comm_stats})
 
     # ------------------------------------------------------------------ consensus
     def _consensus(self) -> list[Tensor]:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
 from lightning_opt.strategies._validate import check_choice, check_float, check_int
+from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
@@ -32,10 +33,20 @@ class LSGDStrategy(PeriodicSyncStrategy):
 
     Communication per sync: one all-gather of the scores, one broadcast of the leader's parameters (and
     floating-point buffers, which follow the same pull) in flat buckets from the leader rank within its group.
-    A worker whose parameters are non-finite is reset to its leader with a warning.
 
-    Scores come from the loss the training closure returns (automatic optimisation). Under manual optimisation
-    the strategy reads ``trainer.callback_metrics[score_key]`` (log your loss under that name).
+    **Several optimizers** (e.g. a GAN's generator and discriminator): x is every optimizer's parameters together.
+    Syncs follow the *last* optimizer's step count (the one that steps last in a batch, so the batch ends with the
+    pulled x) and pull all parameters toward one leader: a worker's generator and discriminator always come from
+    the same leader.
+
+    **Scores** come from the loss the first optimizer's training closure returns (automatic optimisation). Under
+    manual optimisation, and so with several losses, the strategy reads ``trainer.callback_metrics[score_key]``
+    after the first optimizer's step: log the loss that should rank the workers under that name (e.g. the sum
+    of the generator's and discriminator's losses, or only the one you select models by).
+
+    **Non-finite parameters** (``nonfinite``): ``"raise"`` raises :class:`NonFiniteError` on every rank at the
+    sync, naming the ranks and the step; ``"drop"`` keeps such a worker out of the leader election and resets it
+    to its leader (λ = 1, optimizer state cleared) with a warning. The same meaning as in the other strategies.
 
     ``eval_weights``: ``"center"`` (default, the mean of all workers as in the paper's experiments),
     ``"leader"`` (the current global leader's weights) or ``"local"`` (each rank's own weights). Evaluation and
@@ -75,7 +86,11 @@ class LSGDStrategy(PeriodicSyncStrategy):
         base = getattr(self.schedule, "period", None)
         if global_period is not None:
             check_int("global_period", global_period, 1)
-            if base is None or global_period % base:
+            if base is None:
+                raise ValueError(f"`global_period` needs a fixed integer `period` (global pulls happen every "
+                                 f"global_period / period local syncs); got period={self.schedule!r} and "
+                                 f"global_period={global_period}")
+            if global_period % base:
                 raise ValueError(f"`global_period` must be a multiple of `period` ({base}), got {global_period}")
         self.global_period = global_period
         self._window = torch.full((self.leader_window,), float("nan"))
@@ -87,10 +102,14 @@ class LSGDStrategy(PeriodicSyncStrategy):
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ groups
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._resolved_group_size()  # world-size checks at setup, not at the first sync
+
     def _resolved_group_size(self) -> int:
         size = self.group_size if self.group_size is not None else max(1, self.num_processes)
         if self.world % size:
-            raise ValueError(f"`group_size` must divide the world size {self.world}, got {size}")
+            raise ValueError(f"`group_size` must divide the world size ({self.world} processes), got {size}")
         return size
 
     def _global_every(self) -> int:
@@ -141,14 +160,24 @@ class LSGDStrategy(PeriodicSyncStrategy):
         return ranks[int(torch.argmin(sub))]  # first minimum: ties go to the lowest rank
 
     # ------------------------------------------------------------------ sync
+    def _has_own_sync(self, idx: int) -> bool:
+        return idx == len(self.optimizers) - 1  # one leader for all optimizers' parameters (class docstring)
+
     def _sync(self, idx: int, step: int) -> None:
-        if idx != 0:
-            return
         self._ensure_groups()
         tensors = self._pulled_tensors()
-        scores = all_gather_vector(torch.tensor([self._local_score(tensors)], device=self.root_device)).reshape(-1)
-        scores = scores.cpu()
-        self.meter.add(scores.numel() * 4 * self.world, 0.0)
+        corrupt = self._buffer_rules.corrupt(tensors)
+        mine = torch.tensor([float("inf") if corrupt else self._local_score(tensors), float(corrupt)],
+                            device=self.root_device)
+        gathered = all_gather_vector(mine).reshape(-1, 2).cpu()
+        self.meter.add(gathered.numel() * 4, 0.0)
+        bad = [int(r) for r in torch.nonzero(gathered[:, 1]).flatten().tolist()]
+        if bad and self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"non-finite parameters on rank(s) {bad} at optimizer step {step}; refusing to pull toward or from "
+                "them. Pass nonfinite='drop' to keep such ranks out of the leader election and reset them to their "
+                "leader.")
+        scores = gathered[:, 0].contiguous()
         self._local_syncs += 1
         my_group = next(g for g in self._groups if self.rank in g)
         glob = self._argmin(scores, list(range(self.world)))
@@ -168,9 +197,11 @@ class LSGDStrategy(PeriodicSyncStrategy):
         return self.eval_weights == "local"
 
     def _pulled_tensors(self) -> list[Tensor]:
-        """The optimizer's parameters and the floating-point buffers that differ between ranks (a collective);
-        identical ones (masks, tables) need no pull, and a ``-inf`` mask would turn into NaN under one."""
-        return list(self._opt_params(0)) + [b for b in self._buffers_to_sync() if b.is_floating_point()]
+        """Every optimizer's parameters (each once) and the floating-point buffers that differ between ranks (a
+        collective); identical ones (masks, tables) need no pull, and a ``-inf`` mask would turn into NaN under
+        one."""
+        params = {id(p): p for idx in range(len(self.optimizers)) for p in self._opt_params(idx)}
+        return list(params.values()) + [b for b in self._buffers_to_sync() if b.is_floating_point()]
 
     def _pull_toward(self, tensors: list[Tensor], leader: int | None, lam: float, group: Any, step: int) -> None:
         if leader is None:
@@ -183,10 +214,11 @@ class LSGDStrategy(PeriodicSyncStrategy):
             return
         finite = not self._buffer_rules.corrupt(tensors)
         with torch.no_grad():
-            if not finite or lam == 1.0:  # λ = 1 (or a reset) copies the leader exactly
+            if not finite or lam == 1.0:  # λ = 1 (or a reset under nonfinite="drop") copies the leader exactly
                 if not finite:
-                    warnings.warn(f"LSGD: rank {self.rank} has non-finite parameters at optimizer step {step}; reset "
-                                  f"to its leader (rank {leader})", stacklevel=2)
+                    warnings.warn(f"LSGD: rank {self.rank} has non-finite parameters at optimizer step {step}; "
+                                  f"dropped from the leader election and reset to its leader (rank {leader})",
+                                  stacklevel=2)
                     for opt in self.optimizers:
                         opt.state.clear()
                 torch._foreach_copy_(tensors, leader_values)
@@ -200,10 +232,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
         info = {"lsgd/leader": float(-1 if leader is None else leader), "lsgd/score_spread": spread,
                 "lsgd/leader_score": float(scores[leader]) if leader is not None else float("nan")}
         self.history.append({"step": step, "scores": scores.tolist(), "leader": leader})
-        trainer = getattr(self.lightning_module, "_trainer", None)
-        if trainer is not None and self.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({**info, **self.comm_stats}, step=step)
+        self._log_metrics({**info, **self.comm_stats})
 
     # ------------------------------------------------------------------ consensus
     def _consensus(self) -> list[Tensor]:

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt._ownership import RankLocal
+from lightning_opt._trainer_steps import logging_step, logs_this_step
 from lightning_opt.distributed import (
     CommMeter,
     all_reduce_flat,
@@ -196,19 +197,23 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
             broadcast_flat(list(self.lightning_module.buffers()), src=0, meter=self.meter)
         if in_warmup:
             self._in_sync = True
+            if idx == 0:
+                self._maybe_log()
             return output
         self._in_sync = False
-        if idx not in self._next_sync:
-            self._schedule_next(idx, step - 1)
-        if step == self._next_sync[idx]:
-            start = time.perf_counter()
-            self._sync(idx, step)
-            self.meter.syncs += 1
-            self.meter.extra["sync_seconds"] = self.meter.extra.get("sync_seconds", 0.0) + (
-                time.perf_counter() - start)
-            self._in_sync = self._weights_are_consensus_after_sync()
-            self._schedule_next(idx, step)
-        self._maybe_log(step)
+        if self._has_own_sync(idx):
+            if idx not in self._next_sync:
+                self._schedule_next(idx, step - 1)
+            if step == self._next_sync[idx]:
+                start = time.perf_counter()
+                self._sync(idx, step)
+                self.meter.syncs += 1
+                self.meter.extra["sync_seconds"] = self.meter.extra.get("sync_seconds", 0.0) + (
+                    time.perf_counter() - start)
+                self._in_sync = self._weights_are_consensus_after_sync()
+                self._schedule_next(idx, step)
+        if idx == 0:
+            self._maybe_log()
         return output
 
     def _schedule_next(self, idx: int, step: int) -> None:
@@ -228,6 +233,12 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
 
     def _sync(self, idx: int, step: int) -> None:
         raise NotImplementedError
+
+    def _has_own_sync(self, idx: int) -> bool:
+        """Whether optimizer ``idx`` syncs on its own schedule (default: every optimizer does, for its own
+        parameters). Strategies whose sync must see all parameters at once (LSGD: one leader for the whole x)
+        sync on the first optimizer's schedule only."""
+        return True
 
     def _weights_are_consensus_after_sync(self) -> bool:
         """Whether every rank's module holds the consensus weights right after a sync (averaging strategies:
@@ -536,19 +547,23 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
             "comm/sync_seconds": float(self.meter.extra.get("sync_seconds", 0.0)),
             "comm/ddp_bytes": float(self.meter.extra.get("ddp_bytes", 0.0)),
             "comm/eval_bytes": float(self.meter.extra.get("eval_bytes", 0.0)),
-            "comm/period": float(self._period_now.get(0, 0)),
+            "comm/period": float(self._period_now.get(0, next(iter(self._period_now.values()), 0))),
         }
 
-    def _maybe_log(self, step: int) -> None:
+    def _maybe_log(self) -> None:
+        """``comm/*`` at Lightning's step and ``log_every_n_steps`` cadence (warm-up included)."""
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None and logs_this_step(trainer):
+            self._log_metrics(self.comm_stats)
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        """Write ``metrics`` to every logger (global rank 0) at the step Lightning logs this batch at."""
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is None or not trainer.loggers or not self.is_global_zero:
             return
-        every = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
-        if step % every:
-            return
-        stats = self.comm_stats
+        step = logging_step(trainer)
         for logger in trainer.loggers:
-            logger.log_metrics(stats, step=step)
+            logger.log_metrics(metrics, step=step)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(period={self.schedule!r}, warmup_steps={self.warmup_steps})"

@@ -102,14 +102,15 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 
 def recording(cls):
     """Subclass of a periodic strategy that records the flat weights right before (``pre``) and after (``post``)
-    every sync."""
+    every sync, and the optimizer index of each sync (``sync_ids``)."""
 
     class Recording(cls):
         def __init__(self, **kw):
             super().__init__(**kw)
-            self.pre, self.post = [], []
+            self.pre, self.post, self.sync_ids = [], [], []
 
         def _sync(self, idx, step):
+            self.sync_ids.append(idx)
             self.pre.append(flat_params(self.lightning_module))
             super()._sync(idx, step)
             self.post.append(flat_params(self.lightning_module))

@@ -35,7 +35,8 @@ class Poison(pl.Callback):
 
 
 s = recording(LSGDStrategy)(period=2, pull=pull, global_pull=global_pull, group_size=group_size,
-                            global_period=global_period, leader_window=2, timeout=60)
+                            global_period=global_period, leader_window=2, timeout=60,
+                            nonfinite="drop" if poison >= 0 else "raise")
 model = OffsetModel(bn=False)
 trainer(s, max_steps=8, callbacks=[Poison()]).fit(model)
 torch.save({"pre": torch.stack(s.pre), "post": torch.stack(s.post), "history": s.history, "world": WORLD_SIZE},
