@@ -57,7 +57,7 @@ checkpoints = {name: pl.callbacks.ModelCheckpoint(dirpath=out / f"ck_{name}", mo
                                                   every_n_train_steps=4, save_top_k=1, filename=f"{name}-{{step}}")
                for name, (key, mode) in MONITORED.items()}
 stoppers = {name: pl.callbacks.EarlyStopping(monitor=key, mode=mode, patience=1000, check_on_train_epoch_end=True)
-            for name, (key, mode) in MONITORED.items() if name in ("noise", "curvature")}
+            for name, (key, mode) in MONITORED.items()}
 callbacks = [GradNormMonitor(every_n_steps=1),
              GradientNoiseMonitor(every_n_steps=4, num_batches=4, bootstrap=20, histogram=False),
              SharpnessMonitor(every_n_steps=4, max_iter=8), TimeAverageMonitor(window=4),
