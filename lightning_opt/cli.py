@@ -15,11 +15,32 @@ import os
 import sys
 from typing import Any
 
-from pytorch_lightning.cli import ArgsType, LightningCLI
+import fsspec
+from pytorch_lightning.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 import lightning_opt  # noqa: F401  (registers the strategy names before the parser is built)
 import lightning_opt.callbacks  # noqa: F401  (imported, so `--help` lists them among the known subclasses)
 import lightning_opt.optim  # noqa: F401
+
+
+class KeepEachRunsConfig(SaveConfigCallback):
+    """Writes the run's config into its log directory without ever replacing an earlier run's: where that
+    directory already holds ``config.yaml`` (``logger: false``, a fixed logger version), this run's is
+    ``config_1.yaml``, ``config_2.yaml``, ... so each config still matches the checkpoints written beside it."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # a collective: every rank asks
+            name = None
+            if trainer.is_global_zero and log_dir is not None:
+                fs = fsspec.core.url_to_fs(str(log_dir))[0]  # local or remote, as Lightning's own check
+                stem, dot, ext = self.config_filename.rpartition(".")
+                name, n = self.config_filename, 0
+                while fs.isfile(os.path.join(log_dir, name)):
+                    n += 1
+                    name = f"{stem}_{n}{dot}{ext}" if dot else f"{self.config_filename}_{n}"
+            self.config_filename = trainer.strategy.broadcast(name) or self.config_filename
+        super().setup(trainer, pl_module, stage)
 
 
 class LightningOptCLI(LightningCLI):
@@ -28,7 +49,7 @@ class LightningOptCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", KeepEachRunsConfig)
         super().__init__(*args, **kwargs)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
@@ -41,11 +62,17 @@ class LightningOptCLI(LightningCLI):
         super()._add_configure_optimizers_method_to_model(subcommand)
 
 
+def working_directory_last() -> None:
+    """Let class paths name modules in the working directory (a user's own models), *after* every installed
+    package: a stray ``sklearn.py`` where the command runs must never replace scikit-learn. ``python -m`` puts the
+    working directory first; it is moved to the end too."""
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", cwd)] + [cwd]
+
+
 def main(args: ArgsType = None) -> None:
     """Console-script entry point (``lightning-opt``)."""
-    # Like `python -m`, let class paths name modules in the working directory (e.g. a user's own models).
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    working_directory_last()
     LightningOptCLI(args=args)
 
 

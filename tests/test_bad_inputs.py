@@ -157,7 +157,7 @@ TABLE: dict[str, list[tuple[dict, str]]] = {
         ({"smoothness": "yes"}, "smoothness"), ({"dropout_mode": "off"}, "dropout_mode"),
         ({"loss_fn": 3}, "loss_fn"), ({"hvp_method": "finite_differences"}, "hvp_method"),
         ({"hvp_method": "func", "bn_mode": "train"}, "hvp_method"), ({"ddp_mode": "all"}, "ddp_mode"),
-        ({"warm_start": "yes"}, "warm_start"), ({"fit_on": "loss"}, "fit_on"),
+        ({"warm_start": "yes"}, "warm_start"), ({"fit_on": "loss"}, "fit_on"), ({"save_probe": 1}, "save_probe"),
         ({"fit_on": "smoothness", "smoothness": False}, "fit_on"), ({"fit_decay": 0.0}, "fit_decay"),
         ({"seed": -1}, "seed"), ({"prefix": ""}, "prefix"), ({"max_overhead": 0.0}, "max_overhead"),
         ({"max_overhead": 1.0}, "max_overhead"), ({"max_overhead": "2%"}, "max_overhead"),

@@ -9,6 +9,7 @@ from dist import dist_env, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "lightning_opt.cli"]
+CONSOLE = Path(sys.executable).parent / "lightning-opt"  # what `pip install` put on PATH
 pytestmark = pytest.mark.timeout(400)
 
 
@@ -31,3 +32,38 @@ def test_charlm_config_builds_vocab_from_the_datamodule(tmp_path):
 
     model = CharTransformerLM.load_from_checkpoint(ckpt, map_location="cpu")
     assert model.hparams.vocab_size > 10
+
+
+SHADOW = '''from pathlib import Path
+Path(__file__).with_name("SHADOWED").write_text("the working directory's sklearn.py ran")
+raise ImportError("shadowed")
+'''
+USER_MODEL = '''from lightning_opt.examples import ImageClassifier
+
+
+class MyClassifier(ImageClassifier):
+    """A user's own model, importable by class path from the working directory."""
+'''
+
+
+def test_working_directory_never_shadows_an_installed_package(tmp_path):
+    (tmp_path / "sklearn.py").write_text(SHADOW)  # the digits data module imports scikit-learn
+    (tmp_path / "my_models.py").write_text(USER_MODEL)
+    cfg = ROOT / "examples" / "configs" / "quickstart.yaml"
+    run_command([CONSOLE, "fit", "--config", cfg, "--model", "my_models.MyClassifier", "--trainer.max_steps=1",
+                 "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.limit_val_batches=0",
+                 "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path / 'runs'}",
+                 "--trainer.enable_progress_bar=false"], timeout=300, env=dist_env(), cwd=tmp_path)
+    assert not (tmp_path / "SHADOWED").exists()
+    assert list((tmp_path / "runs").rglob("*.ckpt"))  # and the user's model from the working directory trained
+
+
+def test_a_second_run_into_the_same_directory_keeps_the_first_runs_config(tmp_path):
+    cfg = ROOT / "examples" / "configs" / "quickstart.yaml"
+    for steps in (1, 2):
+        run_command([*CLI, "fit", "--config", cfg, f"--trainer.max_steps={steps}", "--trainer.devices=1",
+                     "--trainer.strategy=auto", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
+                     "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                     "--trainer.enable_progress_bar=false"], timeout=300, env=dist_env(), cwd=ROOT)
+    first, second = (yaml.safe_load((tmp_path / name).read_text()) for name in ("config.yaml", "config_1.yaml"))
+    assert (first["trainer"]["max_steps"], second["trainer"]["max_steps"]) == (1, 2)

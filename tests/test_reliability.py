@@ -1,6 +1,8 @@
 """Faults: a SIGKILLed rank makes the survivor fail fast with a clear error; the last checkpoint on disk loads and
 resuming from it reproduces the uninterrupted run."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,3 +67,44 @@ def test_gloo_group_is_destroyed_before_the_interpreter_finalises():
     # a live gloo group at finalisation can abort the process (lifecycle.py); the strategies register this handler
     out = run_command([sys.executable, "-c", RELEASE], timeout=120).stdout
     assert "initialized at exit: False" in out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it has already ended: its memory and port are released)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_stuck_rank_ends_with_the_job_instead_of_living_on_as_an_orphan(tmp_path):
+    # rank 1 sleeps in training_step; rank 0 times out at the next sync and fails; Lightning's launcher does not
+    # kill rank 1 then, so the strategy asks the kernel to end it with its launcher (lifecycle.die_with_parent)
+    log = tmp_path / "log"
+    with open(log, "w") as sink:  # a file, not a pipe: an orphan holding the pipe would block reading it
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS / "stuck_rank.py"), str(tmp_path), "8"],
+                                env=dist_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=200)
+        out = log.read_text()
+        pid = int((tmp_path / "stuck.pid").read_text())
+        deadline = time.monotonic() + 20
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the stuck rank outlived the job"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0 and "Timed out waiting 8000ms" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("name", ["LocalSGDStrategy", "LookaheadStrategy", "LSGDStrategy", "EASGDStrategy"])
+def test_default_collective_timeout_is_ten_minutes(name):
+    import datetime
+
+    import lightning_opt.strategies as strategies
+
+    assert getattr(strategies, name)()._timeout == datetime.timedelta(seconds=600)

@@ -313,3 +313,23 @@ def test_advice_without_a_value_is_left_out_not_logged_as_nan():
     out = mon.measure(model, batch, lr=0.1)
     assert out["curvature/L0"] == 0.0 and out["curvature/L1"] == 0.5
     assert "curvature/advice_clip_lr" not in out and "curvature/advice_clip_threshold" not in out
+
+
+@pytest.mark.parametrize("save_probe", [True, False])
+def test_checkpoints_hold_the_probe_batch_only_when_asked(tmp_path, save_probe):
+    pl.seed_everything(0)
+    mon = SharpnessMonitor(every_n_steps=2, max_iter=8, save_probe=save_probe)
+    trainer = _trainer(tmp_path, [mon], max_steps=4)
+    trainer.fit(TinyNet(), loader())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    (state,) = [v for k, v in torch.load(tmp_path / "a.ckpt", weights_only=False)["callbacks"].items()
+                if "SharpnessMonitor" in k]
+    if save_probe:
+        assert torch.equal(state["probe_batches"][0][0], mon._probe_batch[0])
+    else:
+        assert state["probe_batches"] is None  # no training data in the file
+    resumed = SharpnessMonitor(every_n_steps=2, max_iter=8, save_probe=save_probe)
+    # resume on batches of 16 rows: a probe of 32 rows can only have come from the checkpoint
+    _trainer(tmp_path, [resumed], max_steps=6).fit(TinyNet(), loader(batch_size=16), ckpt_path=tmp_path / "a.ckpt")
+    assert [h["step"] for h in resumed.history] == [6]
+    assert len(resumed._probe_batch[0]) == (32 if save_probe else 16)

@@ -133,6 +133,9 @@ class SharpnessMonitor(RankLocal, Callback):
         prefix: key prefix of the logged metrics (default ``"curvature"``; e.g. to run two monitors).
         max_overhead: budget of the cost-aware schedule, in (0, 1) (default ``DEFAULT_MAX_OVERHEAD`` = 0.015);
             only with ``every_n_steps=None``.
+        save_probe: with ``probe="fixed"``, store every rank's probe batch — raw training data — in checkpoints
+            (default True: a resumed run measures the same batch). False for checkpoints you share: they hold no
+            training data, and a resumed run takes its first batch after resuming as the new probe.
 
     Attributes:
         history: list of the logged dicts (plus ``"step"``), one per measurement, on every rank.
@@ -158,6 +161,7 @@ class SharpnessMonitor(RankLocal, Callback):
         seed: int = 0,
         prefix: str = "curvature",
         max_overhead: float | None = None,
+        save_probe: bool = True,
     ) -> None:
         super().__init__()
         if every_n_steps is not None:
@@ -196,6 +200,7 @@ class SharpnessMonitor(RankLocal, Callback):
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty str, got {prefix!r}")
         self.prefix = prefix
+        self.save_probe = check_bool("save_probe", save_probe)
 
         self.fit = L0L1Fit(self.fit_decay)
         self.history: list[dict[str, float]] = []
@@ -566,7 +571,8 @@ class SharpnessMonitor(RankLocal, Callback):
         every rank (gathered: every rank must call this, as Lightning does when saving), generator, fit and
         last values."""
         probes = None
-        if self.probe == "fixed" and (self._probe_batch is not None or self._loaded_probe is not None):
+        if self.probe == "fixed" and self.save_probe and (self._probe_batch is not None
+                                                          or self._loaded_probe is not None):
             mine = None
             if self._probe_batch is not None:
                 mine = _clone_batch(self._probe_batch, torch.device("cpu"))

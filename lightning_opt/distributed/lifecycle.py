@@ -1,4 +1,4 @@
-"""Process-group lifetime: release gloo groups before the interpreter finalises.
+"""Process lifetime: release gloo groups before the interpreter finalises; end ranks whose launcher ended.
 
 A process that exits with its gloo process group still alive can abort with SIGABRT ("terminate called without
 an active exception"): gloo's worker threads still hold work objects whose tensors reference Python objects, and
@@ -11,6 +11,10 @@ Never imports Lightning.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import os
+import signal
+import sys
 
 import torch.distributed as dist
 
@@ -28,3 +32,26 @@ def release_at_exit() -> None:
     if not _registered:
         atexit.register(_destroy_gloo_groups)
         _registered = True
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> bool:
+    """Linux: have the kernel SIGKILL this process when the process that started it ends.
+
+    For ranks that Lightning's own launchers started (popen re-runs the script, spawn / fork start processes):
+    when rank 0 fails, e.g. on a collective timeout caused by a rank stuck in ``training_step``, the stuck rank
+    would otherwise live on as an orphan holding its port and memory. Returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher ended before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_opt.distributed import all_finite, is_dist, write_back
 from lightning_opt.strategies._validate import check_float
-from lightning_opt.strategies.periodic import PeriodicSyncStrategy
+from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 
@@ -66,7 +66,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
         average_buffers: bool = True,
         nonfinite: str = "raise",
         bucket_cap_mb: float = 25.0,
-        timeout: float = 1800.0,
+        timeout: float = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         **kwargs: Any,
     ) -> None:

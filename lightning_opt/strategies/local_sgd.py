@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_opt.distributed import is_dist
 from lightning_opt.strategies._validate import check_bool, check_float
-from lightning_opt.strategies.periodic import PeriodicSyncStrategy
+from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 
@@ -40,7 +40,8 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
             step; ``"drop"``: such ranks are left out of the average, reset to the consensus and their optimizer
             state is cleared.
         bucket_cap_mb: size of the flat buckets (one all-reduce per bucket).
-        timeout: collective timeout (seconds or ``timedelta``); a dead rank surfaces as an error after it.
+        timeout: collective timeout (seconds or ``timedelta``, default 600 s); a dead or stuck rank surfaces as an
+            error after it, and ranks Lightning launched end with the launching rank.
         start_method: ``"popen"`` (``local_sgd``) or ``"spawn"`` (``local_sgd_spawn``), as in ``DDPStrategy``.
 
     Evaluation, ``fit``'s final weights and saved ``state_dict`` use the consensus: the current world average
@@ -59,7 +60,7 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         outer_nesterov: bool = False,
         nonfinite: str = "raise",
         bucket_cap_mb: float = 25.0,
-        timeout: float = 1800.0,
+        timeout: float = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         **kwargs: Any,
     ) -> None:

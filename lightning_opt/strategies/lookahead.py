@@ -12,6 +12,7 @@ from lightning_opt.distributed import all_finite, broadcast_flat, is_dist, nonfi
 from lightning_opt.strategies._validate import check_choice, check_float
 from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
+from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 _SLOW_MOMENTUM = "lookahead_slow_momentum"
@@ -59,7 +60,7 @@ class LookaheadStrategy(LocalSGDStrategy):
         average_buffers: bool = True,
         nonfinite: str = "raise",
         bucket_cap_mb: float = 25.0,
-        timeout: float = 1800.0,
+        timeout: float = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         **kwargs: Any,
     ) -> None:

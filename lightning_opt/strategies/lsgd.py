@@ -12,7 +12,7 @@ from torch import Tensor
 from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
 from lightning_opt.strategies._validate import check_choice, check_float, check_int
 from lightning_opt.strategies.errors import NonFiniteError
-from lightning_opt.strategies.periodic import PeriodicSyncStrategy
+from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 
@@ -68,7 +68,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
         warmup_steps: int = 0,
         nonfinite: str = "raise",
         bucket_cap_mb: float = 25.0,
-        timeout: float = 1800.0,
+        timeout: float = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         **kwargs: Any,
     ) -> None:

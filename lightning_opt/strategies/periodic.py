@@ -42,13 +42,16 @@ from lightning_opt.distributed import (
     write_back,
 )
 from lightning_opt.distributed.buffers import BufferRules
-from lightning_opt.distributed.lifecycle import release_at_exit
+from lightning_opt.distributed.lifecycle import die_with_parent, release_at_exit
 from lightning_opt.distributed.overlap import OverlappedGradSum
 from lightning_opt.strategies._validate import as_timeout, check_bool, check_choice, check_float, check_int
 from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.schedules import PeriodSchedule, as_schedule
 
 _CKPT_KEY = "lightning_opt"
+#: Collective timeout (seconds) unless given: long enough for a sync of a large model over a slow link, short
+#: enough that a dead or stuck rank reads as an error ("Timed out waiting 600000ms ...") rather than a hang.
+DEFAULT_TIMEOUT = 600.0
 
 
 class PeriodicSyncStrategy(RankLocal, DDPStrategy):
@@ -66,7 +69,7 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         average_buffers: bool = True,
         nonfinite: str = "raise",
         bucket_cap_mb: float = 25.0,
-        timeout: timedelta | float = 1800.0,
+        timeout: timedelta | float = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -105,6 +108,9 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         release_at_exit()  # gloo groups alive at interpreter exit can abort the process (see lifecycle.py)
+        if self.local_rank > 0 and type(self.cluster_environment).__name__ == "LightningEnvironment":
+            # started by Lightning's launcher (popen / spawn / fork) from local rank 0: end with it, never orphaned
+            die_with_parent()
 
     def configure_ddp(self) -> None:
         """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
