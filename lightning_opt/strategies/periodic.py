@@ -16,6 +16,7 @@ optimizer) it calls the subclass's :meth:`_sync`. The base also provides
 
 from __future__ import annotations
 
+import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -456,12 +457,16 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
             dist.all_gather_object(ranks, local)
         else:
             ranks = [local]
-        checkpoint[_CKPT_KEY] = {"world_size": self.world, "strategy": self.strategy_state_dict(), "ranks": ranks}
+        checkpoint[_CKPT_KEY] = {"world_size": self.world, "strategy": self.strategy_state_dict(), "ranks": ranks,
+                                 "strategy_name": self.strategy_name, "strategy_repr": repr(self)}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._restored = checkpoint.get(_CKPT_KEY)
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except (EOFError, KeyError, pickle.UnpicklingError, RuntimeError) as err:
+            raise ValueError(f"not a checkpoint: {checkpoint_path} ({type(err).__name__}: {err})") from err
+        self._restored = _restored_entry(checkpoint, checkpoint_path, self)
         entry = self._local_entry(warn=False)
         if entry is not None and entry.get("callbacks") is not None:
             checkpoint["callbacks"] = entry["callbacks"]
@@ -484,7 +489,10 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         super().load_model_state_dict(checkpoint, strict=strict)
         if self._restored is None or not self._fitting():
             return
-        self.load_strategy_state_dict(self._restored["strategy"])
+        if self._restored["strategy"] is not None:  # None: written under another strategy (see _restored_entry)
+            self.load_strategy_state_dict(self._restored["strategy"])
+        else:
+            self._in_sync = False  # the ranks' weights may differ: evaluation builds the consensus
         entry = self._local_entry()
         if entry is not None:
             self.lightning_module.load_state_dict(entry["module"], strict=strict)
@@ -573,6 +581,36 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(period={self.schedule!r}, warmup_steps={self.warmup_steps})"
+
+
+def _restored_entry(checkpoint: dict[str, Any], path: Any, strategy: PeriodicSyncStrategy) -> dict[str, Any] | None:
+    """Our checkpoint entry, checked: non-finite parameters anywhere in the file are refused (every rank checks
+    every entry, so all ranks refuse together); a file from another strategy, or with no entry, resumes with a
+    warning saying what is reused and what starts afresh."""
+    names = {n for n, _ in strategy.lightning_module.named_parameters()} if strategy.lightning_module else set()
+    saved = checkpoint.get(_CKPT_KEY)
+    tables = [("the saved weights", checkpoint.get("state_dict") or {})]
+    tables += [(f"rank {r}'s weights", e["module"]) for r, e in enumerate((saved or {}).get("ranks") or [])
+               if isinstance(e, dict) and isinstance(e.get("module"), dict)]
+    for where, table in tables:
+        bad = [n for n in sorted(names & set(table)) if isinstance(table[n], Tensor)
+               and table[n].is_floating_point() and not bool(torch.isfinite(table[n]).all())]
+        if bad:
+            raise ValueError(f"{path}: non-finite values in {where} ({', '.join(bad[:4])}"
+                             f"{', ...' if len(bad) > 4 else ''}); the file is damaged, refusing to resume from it")
+    if saved is None:
+        warnings.warn(f"{path} has no lightning_opt entry (written by another strategy, e.g. plain DDP): every rank "
+                      "starts from the saved weights, and the sync schedule, counters and outer state start afresh",
+                      stacklevel=3)
+        return None
+    name = saved.get("strategy_name", strategy.strategy_name)
+    if name != strategy.strategy_name:
+        dropped = ", ".join(sorted((saved.get("strategy") or {}).get("extra") or {})) or "none"
+        warnings.warn(f"{path} was written under {saved.get('strategy_repr', name)}; resuming under {strategy!r}: "
+                      f"its strategy state is dropped (sync counters, schedule, extra state: {dropped}) and the "
+                      "schedule starts afresh; every rank's weights and optimizer state are reused", stacklevel=3)
+        return {**saved, "strategy": None}
+    return saved
 
 
 def _mean_dtype(dtype: torch.dtype) -> torch.dtype:
