@@ -52,6 +52,21 @@ class LightningOptCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", KeepEachRunsConfig)
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning copies the checkpoint's recorded model class into the config and imports it: a checkpoint
+        # would decide what code runs. Only a class the config or command line named may be imported.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            recorded = _recorded_class(ckpt_path)
+            configured = self.config[sub].get("model")
+            configured = configured.get("class_path") if hasattr(configured, "get") else None
+            if recorded is not None and _same_class(recorded, configured) is False:
+                self.parser.error(f"--ckpt_path {ckpt_path} holds a model of class {recorded}, but the config names "
+                                  f"{configured or 'no model class'}; name the checkpoint's class with --model to resume it (nothing "
+                                  "the checkpoint names was imported)")
+        super()._parse_ckpt_path()
+
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI builds `--optimizer` from model.parameters() right after instantiation, before
         # `configure_model` runs. Models whose shape depends on the data (CharTransformerLM(vocab_size=None)) expose
@@ -60,6 +75,36 @@ class LightningOptCLI(LightningCLI):
         if callable(attach) and self.datamodule is not None:
             attach(self.datamodule)
         super()._add_configure_optimizers_method_to_model(subcommand)
+
+
+def _recorded_class(ckpt_path: str) -> str | None:
+    """The model class path a LightningCLI checkpoint recorded (``hyper_parameters._class_path``), read with
+    torch's safe loader; None if there is none or the file cannot be read (Lightning then reports it)."""
+    import torch
+
+    try:
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+    except Exception:
+        return None
+    recorded = hparams.get("_class_path")
+    return recorded if isinstance(recorded, str) else None
+
+
+def _same_class(recorded: str, configured: str | None) -> bool:
+    """Class paths naming the same class: equal once the flavour namespace is dropped
+    (``lightning_opt.lightning.examples.X`` is ``lightning_opt.examples.X``) and ``pkg.X`` matches ``pkg.mod.X``
+    re-exported from ``pkg``, by class name and top package."""
+    if configured is None:
+        return False
+
+    def plain(path: str) -> list[str]:
+        for ns in ("lightning_opt.lightning.", "lightning_opt.pytorch_lightning."):
+            if path.startswith(ns):
+                path = "lightning_opt." + path[len(ns):]
+        return path.split(".")
+
+    a, b = plain(recorded), plain(configured)
+    return a == b or (a[-1] == b[-1] and a[0] == b[0] and (a[:-1] == b[:len(a) - 1] or b[:-1] == a[:len(b) - 1]))
 
 
 def working_directory_last() -> None:

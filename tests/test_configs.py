@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from dist import dist_env, run_command
+from dist import dist_env, run_command, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "lightning_opt.cli"]
@@ -67,3 +68,29 @@ def test_a_second_run_into_the_same_directory_keeps_the_first_runs_config(tmp_pa
                      "--trainer.enable_progress_bar=false"], timeout=300, env=dist_env(), cwd=ROOT)
     first, second = (yaml.safe_load((tmp_path / name).read_text()) for name in ("config.yaml", "config_1.yaml"))
     assert (first["trainer"]["max_steps"], second["trainer"]["max_steps"]) == (1, 2)
+
+
+EVIL = '''from pathlib import Path
+Path(__file__).with_name("IMPORTED").write_text("a module named only by the checkpoint ran")
+from lightning_opt.examples import ImageClassifier as Model
+'''
+
+
+def test_a_checkpoint_never_decides_what_the_cli_imports(tmp_path):
+    cfg = ROOT / "examples" / "configs" / "quickstart.yaml"
+    base = [CONSOLE, "fit", "--config", cfg, "--trainer.devices=1", "--trainer.strategy=auto",
+            "--trainer.limit_val_batches=0", "--trainer.callbacks=[]", "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    run_command([*base, "--trainer.max_steps=1"], timeout=300, env=dist_env(), cwd=tmp_path)
+    (ckpt,) = list(tmp_path.rglob("*.ckpt"))
+    evil = torch.load(ckpt, weights_only=False)
+    evil["hyper_parameters"]["_class_path"] = "evil_module.Model"
+    torch.save(evil, tmp_path / "evil.ckpt")
+    (tmp_path / "evil_module.py").write_text(EVIL)
+    proc = run_python([*base, "--trainer.max_steps=2", f"--ckpt_path={tmp_path / 'evil.ckpt'}"], timeout=300,
+                      cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "holds a model of class evil_module.Model, but the config names lightning_opt.examples." in proc.stderr
+    assert not (tmp_path / "IMPORTED").exists()
+    # the checkpoint of the configured class resumes as before
+    run_command([*base, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"], timeout=300, env=dist_env(), cwd=tmp_path)
