@@ -11,8 +11,11 @@ Importing :mod:`lightning_opt` first registers ``local_sgd``, ``lsgd``, ``lookah
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
+import traceback
 from typing import Any
 
 import fsspec
@@ -21,6 +24,8 @@ from pytorch_lightning.cli import ArgsType, LightningCLI, SaveConfigCallback
 import lightning_opt  # noqa: F401  (registers the strategy names before the parser is built)
 import lightning_opt.callbacks  # noqa: F401  (imported, so `--help` lists them among the known subclasses)
 import lightning_opt.optim  # noqa: F401
+from lightning_opt import STRATEGY_NAMES
+from lightning_opt._flavour import STRATEGY_CLASSES
 
 
 class KeepEachRunsConfig(SaveConfigCallback):
@@ -52,6 +57,25 @@ class LightningOptCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", KeepEachRunsConfig)
         super().__init__(*args, **kwargs)
 
+    def instantiate_classes(self) -> None:
+        # A bad value anywhere (strategy, trainer, model, data, callbacks, optimizer) ends here as one short
+        # `error:` block naming the argument, exit code 2, before any process is launched.
+        try:
+            super().instantiate_classes()
+            self._check_optimizer_arguments()
+        except (ValueError, TypeError) as err:
+            self.parser.error(user_message(err))
+
+    def _check_optimizer_arguments(self) -> None:
+        """Build the configured optimizer once on a stand-in parameter: its argument checks run now, not in
+        ``configure_optimizers`` on every rank after launch."""
+        import torch
+        from pytorch_lightning.cli import instantiate_class
+
+        cfg = self.config_init.get(self.subcommand, self.config_init).get("optimizer")
+        if cfg is not None and not isinstance(cfg, torch.optim.Optimizer):
+            instantiate_class([torch.nn.Parameter(torch.zeros(1))], cfg)
+
     def _parse_ckpt_path(self) -> None:
         # Lightning copies the checkpoint's recorded model class into the config and imports it: a checkpoint
         # would decide what code runs. Only a class the config or command line named may be imported.
@@ -63,8 +87,8 @@ class LightningOptCLI(LightningCLI):
             configured = configured.get("class_path") if hasattr(configured, "get") else None
             if recorded is not None and _same_class(recorded, configured) is False:
                 self.parser.error(f"--ckpt_path {ckpt_path} holds a model of class {recorded}, but the config names "
-                                  f"{configured or 'no model class'}; name the checkpoint's class with --model to resume it (nothing "
-                                  "the checkpoint names was imported)")
+                                  f"{configured or 'no model class'}; name the checkpoint's class with --model to "
+                                  "resume it (nothing the checkpoint names was imported)")
         super()._parse_ckpt_path()
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
@@ -75,6 +99,41 @@ class LightningOptCLI(LightningCLI):
         if callable(attach) and self.datamodule is not None:
             attach(self.datamodule)
         super()._add_configure_optimizers_method_to_model(subcommand)
+
+
+def user_message(err: BaseException) -> str:
+    """The message a person needs from an error raised while the CLI built its objects: the innermost error not
+    raised by jsonargparse (whose wrappers read "Expected a <class 'str'>. Got value: Namespace(...)"), or, for a
+    union like ``strategy: str | Strategy``, the one line of its report that is not a type mismatch."""
+    chain, seen = [], set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        chain.append(e)
+        stack += [e.__context__, e.__cause__]
+    for e in reversed(chain):
+        frames = traceback.extract_tb(e.__traceback__)
+        if frames and "jsonargparse" not in frames[-1].filename:
+            return _with_suggestion(str(e))
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line.startswith("- ") and not line.startswith("- Expected a") and "Namespace(" not in line:
+            return line[2:]
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _with_suggestion(message: str) -> str:
+    match = re.search(r"invalid strategy name: `strategy='([^']*)'`", message)
+    if match:
+        close = difflib.get_close_matches(match.group(1), STRATEGY_NAMES, n=1)
+        head = message.split(". It must be")[0]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        names = ", ".join(STRATEGY_CLASSES)
+        return f"{head}{hint} (lightning-opt registers {names}, each also as <name>_spawn and <name>_notebook)"
+    return message
 
 
 def _recorded_class(ckpt_path: str) -> str | None:

@@ -106,10 +106,19 @@ def test_digits_shard_uses_non_shuffling_distributed_sampler():
 
 
 def test_cifar10_is_opt_in_and_never_downloads_by_default(tmp_path, no_network):
+    # no data: refused at construction (before any process is launched), naming the directory and the way out
+    with pytest.raises(ValueError, match=r"data_dir='.*' holds no CIFAR-10 \(cifar-10-batches-py/\); pass download"):
+        DigitsDataModule(dataset="cifar10", data_dir=str(tmp_path))
+    (tmp_path / "cifar-10-batches-py").mkdir()  # a folder without the files: found damaged at setup
     dm = DigitsDataModule(dataset="cifar10", data_dir=str(tmp_path))
     dm.prepare_data()  # download=False: nothing happens
     with pytest.raises(RuntimeError, match="download=True"):
         dm.setup("fit")
+
+
+def test_a_missing_text_file_is_refused_at_construction(tmp_path):
+    with pytest.raises(ValueError, match=r"text_path='.*nope.txt' is not a file"):
+        CharDataModule(text_path=str(tmp_path / "nope.txt"))
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ _EXTRA_HINT = "install the examples extra: pip install 'lightning-opt[examples]'
 # Per-channel statistics of the CIFAR-10 training set (the usual published values).
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR_FOLDER = "cifar-10-batches-py"  # what torchvision.datasets.CIFAR10 extracts into data_dir
 
 
 def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
@@ -178,6 +179,10 @@ class DigitsDataModule(_ShardMixin, pl.LightningDataModule):
         self.dataset = dataset
         self.data_dir = data_dir
         _check_bool("download", download)
+        if dataset == "cifar10" and not download and not os.path.isdir(os.path.join(data_dir, _CIFAR_FOLDER)):
+            # here, before any process is launched, rather than in every rank's setup
+            raise ValueError(f"data_dir={data_dir!r} holds no CIFAR-10 ({_CIFAR_FOLDER}/); pass download=True "
+                             "(--data.download=true) to fetch it, or use dataset='digits' for the offline default")
         _check_bool("shard", shard)
         self.download = download
         self.shard = shard
@@ -356,6 +361,9 @@ class CharDataModule(_ShardMixin, pl.LightningDataModule):
         _check_bool("shard", shard)
         self.shard = shard
 
+        if text_path is not None and not os.path.isfile(text_path):
+            raise ValueError(f"text_path={text_path!r} is not a file; pass a UTF-8 text file, or leave it unset for "
+                             "the standard-library sources")
         self.text = load_text(text_path, max_chars)
         self.chars: list[str] = sorted(set(self.text))
         self._stoi = {c: i for i, c in enumerate(self.chars)}

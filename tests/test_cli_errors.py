@@ -1,0 +1,39 @@
+"""Issue 26 §3: every bad value gives one short ``error:`` naming the argument, the value and the accepted range,
+exit code 2, before any process is launched (one process runs all cases: ``tests/scripts/cli_errors.py``)."""
+
+import json
+
+import pytest
+from dist import run_script
+
+EXPECTED = {
+    "period_negative": "error: `period` must be an int >= 1 or a PeriodSchedule, got -1",
+    "period_zero": "error: `period` must be an int >= 1 or a PeriodSchedule, got 0",
+    "nonfinite": "error: `nonfinite` must be one of ('raise', 'drop'), got 'ignore'",
+    "timeout": "error: `timeout` must be a timedelta or seconds in (0, 1e8], got -5",
+    "outer_momentum": "error: `outer_momentum` must be a float in [0.0, 1.0), got 1",
+    "batch_size": "error: batch_size must be an integer >= 1, got 0",
+    "lr_nan": "error: ClippedSGD: invalid lr=nan; expected a finite real number with lr >= 0",
+    "lr_negative": "error: ClippedSGD: invalid lr=-0.1; accepted range: lr >= 0",
+    "max_norm_inf": "error: ClippedSGD: invalid max_norm=inf; expected a finite real number with max_norm > 0",
+    "strategy_typo": "error: You selected an invalid strategy name: `strategy='local_sdg'`; did you mean 'local_sgd'?",
+    "devices": "error: `devices` selected with `CPUAccelerator` should be an int > 0.",
+    "text_path": "error: text_path='/no/such/file.txt' is not a file",
+    "cifar_dir": "error: data_dir='/no/such/dir' holds no CIFAR-10 (cifar-10-batches-py/); pass download=True",
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_errors") / "out.json"
+    run_script("cli_errors.py", out, timeout=280)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_a_bad_value_is_one_short_error_with_exit_code_2(results, case):
+    got = results[case]
+    assert got["code"] == 2, got
+    assert "Traceback" not in got["stderr"] and "Namespace(" not in got["stderr"]
+    (line,) = [ln for ln in got["stderr"].splitlines() if ln.startswith("error:")]
+    assert line.startswith(EXPECTED[case]), line
