@@ -16,6 +16,7 @@ optimizer) it calls the subclass's :meth:`_sync`. The base also provides
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import time
 import warnings
@@ -109,9 +110,11 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         release_at_exit()  # gloo groups alive at interpreter exit can abort the process (see lifecycle.py)
-        if self.local_rank > 0 and type(self.cluster_environment).__name__ == "LightningEnvironment":
-            # started by Lightning's launcher (popen / spawn / fork) from local rank 0: end with it, never orphaned
-            die_with_parent()
+        started_by_lightning = (multiprocessing.parent_process() is not None  # spawn / fork: every rank
+                                or (self.local_rank > 0  # popen: local rank 0 re-ran the script for this rank
+                                    and type(self.cluster_environment).__name__ == "LightningEnvironment"))
+        if started_by_lightning:
+            die_with_parent()  # end with the process that launched this rank: never an orphan
 
     def configure_ddp(self) -> None:
         """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
