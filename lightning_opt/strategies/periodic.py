@@ -247,7 +247,7 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
     def _has_own_sync(self, idx: int) -> bool:
         """Whether optimizer ``idx`` syncs on its own schedule (default: every optimizer does, for its own
         parameters). Strategies whose sync must see all parameters at once (LSGD: one leader for the whole x)
-        sync on the first optimizer's schedule only."""
+        sync on one optimizer's schedule only (LSGD: the last optimizer's)."""
         return True
 
     def _weights_are_consensus_after_sync(self) -> bool:
