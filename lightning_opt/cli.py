@@ -64,6 +64,8 @@ class LightningOptCLI(LightningCLI):
             super().instantiate_classes()
             self._check_optimizer_arguments()
         except (ValueError, TypeError) as err:
+            if os.environ.get("LIGHTNING_OPT_TRACEBACK") == "1":  # debugging one's own classes: the full story
+                raise
             self.parser.error(user_message(err))
 
     def _check_optimizer_arguments(self) -> None:

@@ -37,3 +37,8 @@ def test_a_bad_value_is_one_short_error_with_exit_code_2(results, case):
     assert "Traceback" not in got["stderr"] and "Namespace(" not in got["stderr"]
     (line,) = [ln for ln in got["stderr"].splitlines() if ln.startswith("error:")]
     assert line.startswith(EXPECTED[case]), line
+
+
+def test_lightning_opt_traceback_shows_the_full_error_for_debugging(results):
+    assert results["traceback"]["code"] == "raised"
+    assert "batch_size must be an integer >= 1, got 0" in results["traceback"]["stderr"]

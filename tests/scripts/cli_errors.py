@@ -4,6 +4,7 @@ bad value must stop at instantiation, before Lightning launches a process."""
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,4 +35,14 @@ for name, extra in CASES.items():
         except BaseException as exc:  # a traceback would have reached the user
             code, err = f"uncaught {type(exc).__name__}", io.StringIO(str(exc))
     results[name] = {"code": code, "stderr": err.getvalue()}
+# the escape hatch for debugging one's own classes: the full traceback instead of the one line
+os.environ["LIGHTNING_OPT_TRACEBACK"] = "1"
+try:
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        main([*BASE, *CASES["batch_size"]])
+    results["traceback"] = {"code": 0, "stderr": ""}
+except SystemExit as exc:
+    results["traceback"] = {"code": exc.code, "stderr": ""}
+except ValueError as exc:
+    results["traceback"] = {"code": "raised", "stderr": str(exc)}
 Path(sys.argv[1]).write_text(json.dumps(results))
