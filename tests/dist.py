@@ -52,10 +52,16 @@ def _python_target(cmd: list[str]) -> tuple[str, list[str], bool] | None:
     return None
 
 
+def _serving(cmd: list[str], env: dict[str, str], fresh: bool) -> tuple[zygote.Zygote | None, tuple | None]:
+    """The zygote that can run ``cmd`` with ``env`` (None: start it afresh) and ``cmd`` as (target, args,
+    is_module)."""
+    target = _python_target(cmd)
+    return (None if target is None else _served([env], fresh)), target
+
+
 def run_command(cmd, *, timeout: float = 180, env: dict | None = None, cwd=None, fresh: bool = False):
     cmd, env = [str(c) for c in cmd], env or dist_env()
-    target = _python_target(cmd)
-    z = None if target is None else _served([env], fresh)
+    z, target = _serving(cmd, env, fresh)
     if z is None:
         return testing.run_command(cmd, timeout=timeout, env=env, cwd=cwd)
     [(code, out)] = z.run(target[0], target[1], [env], module=target[2], cwd=cwd, timeout=timeout)
@@ -71,8 +77,7 @@ def run_python(cmd, *, timeout: float = 180, env: dict | None = None, cwd=None) 
     :func:`dist_env` unless given), served by the zygote where it can be; raises ``subprocess.TimeoutExpired``
     after ``timeout``."""
     cmd, env = [str(c) for c in cmd], env or dist_env()
-    target = _python_target(cmd)
-    z = None if target is None else _served([env], False)
+    z, target = _serving(cmd, env, False)
     if z is None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     [(code, out, err)] = z.run(target[0], target[1], [env], module=target[2], cwd=cwd, timeout=timeout, split=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import runpy
 import select
 import shutil
 import signal
@@ -113,13 +114,11 @@ def _run_child(req: dict, env: dict, logs: list[str], base_path: list[str]) -> N
     target, args = req["target"], req["args"]
     first = "" if req["module"] else str(Path(target).resolve().parent)
     sys.path[:] = [first, *extra, *base_path]
-    sys.argv[:] = [target if not req["module"] else target, *args]
+    sys.argv[:] = [target, *args]  # run_module(alter_sys=True) replaces argv[0] with the module's file
     random.seed()
     torch.manual_seed(_TORCH_DEFAULT_SEED)
     code = 0
     try:
-        import runpy
-
         if req["module"]:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:

@@ -96,6 +96,12 @@ class CaptureLogger(pl.loggers.Logger):
         return [m[key] for _, m in self.calls if key in m]
 
 
+def first_layer_and_rest(model: TinyModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """TinyModel's parameters split in two (first layer / the rest), for modules with two optimizers."""
+    first = list(model.net[0].parameters())
+    return first, [p for p in model.parameters() if all(p is not q for q in first)]
+
+
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import CaptureLogger, TinyModel, flat_params, pl, rank, recording, trainer
+from _common import CaptureLogger, TinyModel, first_layer_and_rest, flat_params, pl, rank, recording, trainer
 
 from lightning_opt.callbacks import (
     GradientNoiseMonitor,
@@ -95,8 +95,7 @@ class TwoOptimizers(TinyModel):
         self.log("train/loss", loss)
 
     def configure_optimizers(self):
-        first = list(self.net[0].parameters())
-        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        first, rest = first_layer_and_rest(self)
         return torch.optim.SGD(first, lr=0.05), torch.optim.SGD(rest, lr=0.05)
 
 

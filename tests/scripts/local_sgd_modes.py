@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import Recorder, TinyModel, rank, trainer
+from _common import Recorder, TinyModel, first_layer_and_rest, rank, trainer
 
 import lightning_opt  # noqa: F401
 from lightning_opt.strategies import LocalSGDStrategy
@@ -37,8 +37,7 @@ class TwoOptimizers(TinyModel):
             opt_b.step()
 
     def configure_optimizers(self):
-        first = list(self.net[0].parameters())
-        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        first, rest = first_layer_and_rest(self)
         return torch.optim.SGD(first, lr=0.05), torch.optim.SGD(rest, lr=0.05)
 
 
