@@ -9,7 +9,7 @@ from lightning_opt.strategies.easgd import EASGDStrategy
 
 pytestmark = pytest.mark.timeout(300)
 
-BETA, PERIOD, STEPS, CKPT_STEP = 0.5, 3, 10, 5
+BETA, PERIOD, STEPS, CKPT_STEP = 0.43, 3, 10, 5  # β ≠ 0.5: β and 1 − β must not coincide
 
 
 @pytest.fixture(scope="module")

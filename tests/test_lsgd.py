@@ -17,10 +17,11 @@ def _run(tmp_path, world, pull, global_pull, group_size, global_period, offsets,
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
-def test_pull_half_moves_each_worker_exactly_halfway_toward_the_leader(tmp_path):
-    d = _run(tmp_path, 2, 0.5, 0.5, "none", "none", [1.0, 0.0])
+def test_pull_moves_each_worker_a_fraction_lambda_toward_the_leader(tmp_path):
+    """Teng et al. 2019, eq. (3): x ← x − λ(x − x̃), here with λ = 0.25 (so 1 − λ would land elsewhere)."""
+    d = _run(tmp_path, 2, 0.25, 0.25, "none", "none", [1.0, 0.0])
     assert [h["leader"] for h in d[0]["history"]] == [1, 1, 1, 1]
-    expected = d[0]["pre"] + 0.5 * (d[1]["pre"] - d[0]["pre"])
+    expected = d[0]["pre"] - 0.25 * (d[0]["pre"] - d[1]["pre"])
     torch.testing.assert_close(d[0]["post"], expected, atol=1e-7, rtol=0)
     assert torch.equal(d[1]["post"], d[1]["pre"])  # the leader does not move
 
@@ -45,17 +46,20 @@ def test_nan_worker_never_leads_and_is_reset_to_leader(tmp_path):
 
 
 def test_multi_leader_groups_then_global_leader(tmp_path):
+    """Teng et al. 2019, multi-leader (eq. (2)): every τ = 2 steps x ← x − λ(x − x̃_group), λ = 0.25; every
+    τ_G = 4 steps that pull, then x ← x − λ_G(x − x̃_global) with λ_G = 0.6, on the group-pulled weights."""
+    lam, lam_g = 0.25, 0.6
     offsets = [3.0, 1.0, 2.0, 0.5]  # group {0,1} leader 1; group {2,3} leader 3; global leader 3
-    d = _run(tmp_path, 4, 1.0, 1.0, "2", "4", offsets)
-    # step 2: local pulls only
-    for r in (0, 1):
-        assert torch.equal(d[r]["post"][0], d[1]["pre"][0])
-    for r in (2, 3):
-        assert torch.equal(d[r]["post"][0], d[3]["pre"][0])
-    assert not torch.equal(d[0]["post"][0], d[2]["post"][0])
-    # step 4 (= global_period): local pull, then the global pull toward rank 3
-    for r in range(4):
-        assert torch.equal(d[r]["post"][1], d[3]["pre"][1])
+    d = _run(tmp_path, 4, lam, lam_g, "2", "4", offsets)
+    assert [h["leader"] for h in d[0]["history"]] == [3, 3, 3, 3]
+    group_leader = {0: 1, 1: 1, 2: 3, 3: 3}
+    for k, global_sync in enumerate([False, True, False, True]):  # syncs after steps 2, 4, 6, 8
+        pre = [x["pre"][k].double() for x in d]
+        local = [pre[r] - lam * (pre[r] - pre[group_leader[r]]) for r in range(4)]
+        expected = [y - lam_g * (y - local[3]) for y in local] if global_sync else local
+        for r in range(4):
+            torch.testing.assert_close(d[r]["post"][k].double(), expected[r], atol=1e-6, rtol=0)
+    assert not torch.allclose(d[0]["post"][0], d[2]["post"][0])  # groups apart after a local-only sync
 
 
 def test_resume_mid_period_is_exact_including_score_windows(tmp_path):
