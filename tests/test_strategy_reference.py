@@ -17,6 +17,7 @@ from reference import MU, HeavyBall, Worker, local_sgd_outer, lookahead
 from scripts._common import Recorder, TinyModel, flat_params, pl
 
 from lightning_opt.strategies import ConstantHorizon, EASGDStrategy, LocalSGDStrategy, LookaheadStrategy
+from lightning_opt.strategies.lsgd import pull_
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,3 +114,12 @@ def test_timm_lookahead_differs_only_by_its_lazy_first_slow_update():
     ours = lookahead(0.3, K, STEPS)[0]
     torch.testing.assert_close(theirs[K - 2], ours[K - 2], atol=1e-6, rtol=1e-5)
     assert (theirs[K - 1] - ours[K - 1]).abs().max() > 1e-3  # ours pulls back toward x₀ at step k; timm does not
+
+
+def test_lsgd_pull_moves_a_fraction_lambda_toward_the_leader():
+    """Teng et al. 2019, eq. (3): x ← x − λ(x − x̃), per coordinate, λ = 0.25 (the ranks' part is in test_lsgd)."""
+    x = [torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64)]
+    leader = [torch.tensor([3.0, 2.0, -4.0], dtype=torch.float64), torch.tensor([[-1.5]], dtype=torch.float64)]
+    pull_(x, leader, 0.25)
+    assert x[0].tolist() == [1.5, -1.0, 2.0] and x[1].tolist() == [[0.0]]
+    assert leader[0].tolist() == [3.0, 2.0, -4.0]  # the leader's copy is read, not written

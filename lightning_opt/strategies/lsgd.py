@@ -223,8 +223,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
                         opt.state.clear()
                 torch._foreach_copy_(tensors, leader_values)
                 return
-            # x ← x − λ(x − x̃)  ==  x + λ(x̃ − x)
-            torch._foreach_add_(tensors, torch._foreach_sub(leader_values, tensors), alpha=lam)
+            pull_(tensors, leader_values, lam)
 
     def _log_sync(self, step: int, scores: Tensor, leader: int | None) -> None:
         finite = scores[torch.isfinite(scores)]
@@ -266,3 +265,8 @@ class LSGDStrategy(PeriodicSyncStrategy):
     def __repr__(self) -> str:
         return (f"LSGDStrategy(period={self.schedule!r}, pull={self.pull}, leader_window={self.leader_window}, "
                 f"group_size={self.group_size}, global_period={self.global_period}, global_pull={self.global_pull})")
+
+
+def pull_(x: list[Tensor], leader: list[Tensor], lam: float) -> None:
+    """x ← x − λ(x − x̃) in place (Teng et al. 2019, eq. (3)), written as x + λ(x̃ − x)."""
+    torch._foreach_add_(x, torch._foreach_sub(leader, x), alpha=lam)
