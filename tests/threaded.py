@@ -79,12 +79,13 @@ def fit_kwargs(world: int, rank: int, steps: int) -> dict[str, Any]:
                 use_distributed_sampler=False)
 
 
-def run_threaded(world: int, fn: Callable[[int], Any], timeout: float = 60.0, grace: float = 5.0) -> list[Any]:
+def run_threaded(world: int, fn: Callable[[int], Any], timeout: float = 20.0, grace: float = 3.0) -> list[Any]:
     """``fn(rank)`` on ``world`` threads joined in a threaded process group; returns each rank's result, or
     re-raises the first failing rank's exception (as ``RankError`` naming the rank, with the original as its
     cause; ``.errors`` has every rank's). When a rank fails, the others get ``grace`` seconds to finish or fail
     on their own (so "every rank raises" can be checked), then are woken out of their collectives, so a failure
-    never hangs the test."""
+    never hangs the test; neither do ranks stuck past ``timeout`` seconds (a fit here takes about a second):
+    they are woken the same way and the call raises ``TimeoutError``."""
     _install_threaded_pg()
     torch._C._distributed_c10d._set_thread_isolation_mode(True)
     store, results, errors = dist.HashStore(), [None] * world, [None] * world
@@ -118,7 +119,12 @@ def _join(threads: list[threading.Thread], errors: list[BaseException | None], d
     failed_at = None
     while any(t.is_alive() for t in threads):
         if time.monotonic() > deadline:
-            raise TimeoutError("threaded ranks still running at the timeout")
+            stuck = TimeoutError("threaded ranks still running at the timeout (a rank waits in a collective "
+                                 "the others never joined?)")
+            ProcessLocalGroup.exception_handle(stuck)
+            for t in threads:
+                t.join(2.0)
+            raise stuck
         first = next((e for e in errors if e is not None), None)
         if first is not None:
             failed_at = failed_at or time.monotonic()
