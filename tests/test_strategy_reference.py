@@ -1,6 +1,6 @@
 """The strategies' update rules, in process, against float64 references written from the papers' equations.
 
-One process (``devices=1``) still runs every rule that does not need a second worker: Lookahead's slow step and
+One rank (``devices=1``) still runs every rule that does not need a second worker: Lookahead's slow step and
 its momentum handling, the Local SGD outer optimizer (SlowMo / DiLoCo) and the EASGD elastic step (α = β / 1).
 Each reference below re-implements the inner optimizer too (plain tensor arithmetic in float64, gradients from
 autograd on a float64 copy of the network), so no line of ``lightning_opt`` or ``torch.optim`` is in the oracle.
@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import MU, HeavyBall, Worker, local_sgd_outer, lookahead
-from scripts._common import Recorder, TinyModel, flat_params, pl
+from scripts._common import Recorder, TinyModel, flat_params
+from threaded import run_threaded, trainer
 
 from lightning_opt.strategies import ConstantHorizon, EASGDStrategy, LocalSGDStrategy, LookaheadStrategy
 from lightning_opt.strategies.lsgd import pull_
@@ -26,11 +27,10 @@ STEPS, K = 12, 3
 
 def _fit(strategy, steps: int = STEPS, model: TinyModel | None = None, **model_kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat parameters after each optimizer step of TinyModel(bn=False) under ``strategy`` (1 device), and the
-    weights ``fit`` hands back."""
+    weights ``fit`` hands back. The one rank runs on the threaded process group (tests/threaded.py) rather than
+    gloo: a gloo group in the pytest process would not survive the fork of each mutant under ``make mutate``."""
     model, rec = model or TinyModel(bn=False, **{"momentum": MU, **model_kw}), Recorder()
-    pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=steps, callbacks=[rec], logger=False,
-               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-               num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False).fit(model)
+    run_threaded(1, lambda rank: trainer(1, rank, strategy, steps, [rec]).fit(model))
     return torch.stack(rec.params).double(), flat_params(model).double()
 
 
