@@ -3,9 +3,14 @@ names the argument.
 
 The public classes are discovered from the ``__all__`` of ``lightning_opt.strategies``, ``lightning_opt.optim``,
 ``lightning_opt.callbacks`` and ``lightning_opt.examples`` (plus ``lightning_opt.tensorboard.DashboardCallback``):
-a new class fails ``test_every_public_class_has_an_entry`` until it gets rows in ``CASES`` (or a reason in
+a new class fails ``test_every_public_class_has_an_entry`` until it gets rows in ``TABLE`` (or a reason in
 ``EXEMPT``), and a new constructor argument fails ``test_every_constructor_argument_is_covered`` until it gets a
 row (or a reason in ``UNCHECKED``). Rows for classes that are not public (yet) are ignored.
+
+This is the one validation table per constructor: a row is ``(kwargs, arg)`` or ``(kwargs, arg, states)``, where
+``states`` (a string, or a tuple of strings) is text the message must contain, typically the accepted range or
+values; a row with ``states`` also checks that the message repeats the rejected value. Optimizer messages also name
+the class (``"ClippedSGD: invalid lr=-0.1; ..."``).
 """
 
 from __future__ import annotations
@@ -65,12 +70,13 @@ _STRATEGY_COMMON = [
 ]
 _AVERAGE_BUFFERS = [({"average_buffers": "yes"}, "average_buffers"), ({"average_buffers": 1}, "average_buffers")]
 _OPTIM_COMMON = [
-    ({"lr": -0.1}, "lr"), ({"lr": NAN}, "lr"), ({"lr": INF}, "lr"), ({"lr": "0.1"}, "lr"),
-    ({"weight_decay": -1.0}, "weight_decay"), ({"maximize": "no"}, "maximize"), ({"foreach": "yes"}, "foreach"),
-    ({"nonfinite": "ignore"}, "nonfinite"),
+    ({"lr": -0.1}, "lr", "lr >= 0"), ({"lr": NAN}, "lr", "lr >= 0"), ({"lr": INF}, "lr", "lr >= 0"),
+    ({"lr": "0.1"}, "lr", "lr >= 0"), ({"weight_decay": -1.0}, "weight_decay", "weight_decay >= 0"),
+    ({"maximize": "no"}, "maximize", "True or False"), ({"foreach": "yes"}, "foreach", "True, False or None"),
+    ({"nonfinite": "ignore"}, "nonfinite", "'skip', 'raise'"),
 ]
 
-TABLE: dict[str, list[tuple[dict, str]]] = {
+TABLE: dict[str, list[tuple]] = {
     # ---------------------------------------------------------------- strategies and schedules
     "PeriodicSyncStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS,
     "LocalSGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
@@ -84,7 +90,10 @@ TABLE: dict[str, list[tuple[dict, str]]] = {
         ({"global_pull": 0.0}, "global_pull"), ({"global_pull": 2.0}, "global_pull"),
         ({"leader_window": 0}, "leader_window"), ({"leader_window": 2.5}, "leader_window"),
         ({"group_size": 0}, "group_size"), ({"group_size": 1.5}, "group_size"),
-        ({"period": 2, "global_period": 3}, "global_period"), ({"period": 2, "global_period": 0}, "global_period"),
+        ({"period": 2, "global_period": 3}, "global_period", "`global_period` must be a multiple of `period` (2)"),
+        ({"period": 2, "global_period": 0}, "global_period"),
+        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "global_period": 16}, "global_period",
+         ("`global_period` needs a fixed integer `period`", "ConstantHorizon(")),
         ({"eval_weights": "best"}, "eval_weights"),
     ],
     "LookaheadStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
@@ -92,7 +101,9 @@ TABLE: dict[str, list[tuple[dict, str]]] = {
         ({"mode": "async"}, "mode"), ({"pullback_momentum": "keep"}, "pullback_momentum"),
     ],
     "EASGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
-        ({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"), ({"beta": NAN}, "beta"),
+        ({"beta": 0.0}, "beta", "(0.0, 1.0]"), ({"beta": 1.5}, "beta", "(0.0, 1.0]"),
+        ({"beta": -0.1}, "beta", "(0.0, 1.0]"), ({"beta": NAN}, "beta", "(0.0, 1.0]"),
+        ({"beta": "0.4"}, "beta", "(0.0, 1.0]"),
     ],
     "ConstantPeriod": [({"period": 0}, "period"), ({"period": 2.5}, "period"), ({"period": True}, "period")],
     "ConstantHorizon": [
@@ -108,37 +119,57 @@ TABLE: dict[str, list[tuple[dict, str]]] = {
     ],
     # ---------------------------------------------------------------- optimizers
     "ClippedSGD": _OPTIM_COMMON + [
-        ({"max_norm": 0.0}, "max_norm"), ({"max_norm": -1.0}, "max_norm"), ({"max_norm": INF}, "max_norm"),
-        ({"momentum": 1.0}, "momentum"), ({"momentum": -0.1}, "momentum"),
-        ({"nesterov": True}, "nesterov"), ({"nesterov": "yes"}, "nesterov"), ({"scope": "layer"}, "scope"),
+        ({"max_norm": 0.0}, "max_norm", "max_norm > 0"), ({"max_norm": -1.0}, "max_norm", "max_norm > 0"),
+        ({"max_norm": INF}, "max_norm", "max_norm > 0"), ({"momentum": 1.0}, "momentum", "0 <= momentum < 1"),
+        ({"momentum": -0.1}, "momentum", "0 <= momentum < 1"), ({"nesterov": True}, "nesterov", "momentum in (0, 1)"),
+        ({"nesterov": "yes"}, "nesterov", "True or False"), ({"scope": "layer"}, "scope", "'global', 'coordinate'"),
     ],
     "NormalizedSGD": _OPTIM_COMMON + [
-        ({"beta": -1.0}, "beta"), ({"beta": NAN}, "beta"), ({"momentum": 1.0}, "momentum"),
-        ({"nesterov": True}, "nesterov"), ({"nesterov": 1}, "nesterov"),
+        ({"beta": -1.0}, "beta", "beta >= 0"), ({"beta": NAN}, "beta", "beta >= 0"),
+        ({"momentum": 1.0}, "momentum", "0 <= momentum < 1"), ({"nesterov": True}, "nesterov", "momentum in (0, 1)"),
+        ({"nesterov": 1}, "nesterov", "True or False"),
     ],
     "ACClip": _OPTIM_COMMON + [
-        ({"betas": (0.9,)}, "betas"), ({"betas": 0.9}, "betas"), ({"betas": (1.0, 0.99)}, "betas"),
-        ({"betas": (0.9, -0.1)}, "betas"), ({"alpha": 0.0}, "alpha"), ({"alpha": 2.5}, "alpha"),
-        ({"eps": 0.0}, "eps"), ({"eps": -1e-8}, "eps"),
+        ({"betas": (0.9,)}, "betas", "pair"), ({"betas": 0.9}, "betas", "pair"),
+        ({"betas": (1.0, 0.99)}, "betas", "0 <= betas[0] < 1"), ({"betas": (0.9, -0.1)}, "betas", "0 <= betas[1] < 1"),
+        ({"alpha": 0.0}, "alpha", "(0.0, 2.0]"), ({"alpha": 2.5}, "alpha", "(0.0, 2.0]"),
+        ({"eps": 0.0}, "eps", "eps > 0"), ({"eps": -1e-8}, "eps", "eps > 0"),
     ],
     "StochasticINGD": _OPTIM_COMMON + [
-        ({"beta": 1.0}, "beta"), ({"beta": -0.5}, "beta"), ({"p": -1.0}, "p"), ({"q": -1.0}, "q"),
-        ({"p": 0.0, "q": 0.0}, "p"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": True}, "seed"),
+        ({"beta": 1.0}, "beta", "0 <= beta < 1"), ({"beta": -0.5}, "beta", "0 <= beta < 1"),
+        ({"p": -1.0}, "p", "p >= 0"), ({"q": -1.0}, "q", "q >= 0"), ({"p": 0.0, "q": 0.0}, "p", "p + q > 0"),
+        ({"seed": -1}, "seed", "int >= 0"), ({"seed": 1.5}, "seed", "int >= 0"), ({"seed": True}, "seed", "int >= 0"),
     ],
     # ---------------------------------------------------------------- callbacks
     "GradNormMonitor": [
-        ({"every_n_steps": 0}, "every_n_steps"), ({"every_n_steps": 1.5}, "every_n_steps"),
-        ({"every_n_steps": True}, "every_n_steps"), ({"norm_type": 0.0}, "norm_type"),
-        ({"norm_type": -2.0}, "norm_type"), ({"norm_type": NAN}, "norm_type"), ({"norm_type": "l2"}, "norm_type"),
-        ({"per_layer": "yes"}, "per_layer"),
+        ({"every_n_steps": 0}, "every_n_steps", "expected an int >= 1"),
+        ({"every_n_steps": 1.5}, "every_n_steps", "expected an int >= 1"),
+        ({"every_n_steps": True}, "every_n_steps", "expected an int >= 1"),
+        ({"norm_type": 0.0}, "norm_type", "expected a number in (0.0, inf]"),
+        ({"norm_type": -2.0}, "norm_type", "expected a number in (0.0, inf]"),
+        ({"norm_type": NAN}, "norm_type", "expected a number in (0.0, inf]"),
+        ({"norm_type": "l2"}, "norm_type", "expected a number in (0.0, inf]"),
+        ({"per_layer": "yes"}, "per_layer", "expected True or False"),
     ],
     "GradientNoiseMonitor": [
-        ({"every_n_steps": 0}, "every_n_steps"), ({"num_batches": 1}, "num_batches"),
-        ({"source": "batch"}, "source"), ({"histogram": "yes"}, "histogram"), ({"max_coords": 8}, "max_coords"),
-        ({"bootstrap": -1}, "bootstrap"), ({"level": 0.0}, "level"), ({"level": 1.0}, "level"),
-        ({"block": 1}, "block"), ({"sample_block": 1}, "sample_block"), ({"hill_k": 0}, "hill_k"),
-        ({"batch_size": 0}, "batch_size"), ({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": -0.1}, "ema_decay"),
-        ({"max_alpha": 0.0}, "max_alpha"), ({"seed": -1}, "seed"),
+        ({"every_n_steps": 0}, "every_n_steps", "expected an int >= 1"),
+        ({"num_batches": 1}, "num_batches", "expected an int >= 2"),
+        ({"source": "batch"}, "source", "expected one of ('probe', 'micro')"),
+        ({"histogram": "yes"}, "histogram", "expected True or False"),
+        ({"histogram": 1}, "histogram", "expected True or False"),
+        ({"max_coords": 8}, "max_coords", "expected an int >= 16"),
+        ({"bootstrap": -1}, "bootstrap", "expected an int >= 0"),
+        ({"level": 0.0}, "level", "expected a number in (0.0, 1.0)"),
+        ({"level": 1.0}, "level", "expected a number in (0.0, 1.0)"),
+        ({"block": 1}, "block", "expected None or an int >= 2"),
+        ({"sample_block": 1}, "sample_block", "expected None or an int >= 2"),
+        ({"sample_block": 0}, "sample_block", "expected None or an int >= 2"),
+        ({"hill_k": 0}, "hill_k", "expected None or an int >= 1"),
+        ({"batch_size": 0}, "batch_size", "expected None or an int >= 1"),
+        ({"ema_decay": 1.0}, "ema_decay", "expected a number in [0.0, 1.0)"),
+        ({"ema_decay": -0.1}, "ema_decay", "expected a number in [0.0, 1.0)"),
+        ({"max_alpha": 0.0}, "max_alpha", "expected a number in (0.0, inf]"),
+        ({"seed": -1}, "seed", "expected an int >= 0"),
     ],
     "TimeAverageMonitor": [
         ({"metrics": "train/loss"}, "metrics"), ({"metrics": ["a", "a"]}, "metrics"), ({"metrics": [""]}, "metrics"),
@@ -239,9 +270,16 @@ def _names_the_argument(message: str, arg: str) -> bool:
     return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", message) is not None
 
 
+def _states_the_value(message: str, arg: str, value) -> bool:
+    """``arg=value`` (optimizers, monitors), ``got value`` (strategies) or, for one element of a pair, ``arg[i]=``."""
+    a, v = re.escape(arg), re.escape(repr(value))
+    return re.search(rf"(?<![A-Za-z0-9_])({a}=|got ){v}(?![A-Za-z0-9_.])|(?<![A-Za-z0-9_]){a}\[\d+\]=",
+                     message) is not None
+
+
 def _rows():
-    return [pytest.param(name, kwargs, arg, id=f"{name}-{arg}-{i}")
-            for name, rows in TABLE.items() if name in PUBLIC for i, (kwargs, arg) in enumerate(rows)]
+    return [pytest.param(name, row[0], row[1], row[2] if len(row) > 2 else None, id=f"{name}-{row[1]}-{i}")
+            for name, rows in TABLE.items() if name in PUBLIC for i, row in enumerate(rows)]
 
 
 def test_every_public_class_has_an_entry():
@@ -257,18 +295,25 @@ def test_every_constructor_argument_is_covered():
             continue
         params = inspect.signature(cls.__init__).parameters.values()
         args = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self", "params"}
-        covered = {arg for _, arg in TABLE.get(name, [])}
+        covered = {row[1] for row in TABLE.get(name, [])}
         covered |= set(UNCHECKED.get(name, {}))
         if args - covered:
             uncovered[name] = sorted(args - covered)
     assert not uncovered, f"constructor arguments without an invalid-value row (or UNCHECKED reason): {uncovered}"
 
 
-@pytest.mark.parametrize("name,kwargs,arg", _rows())
-def test_invalid_value_raises_value_error_naming_the_argument(name, kwargs, arg):
+@pytest.mark.parametrize("name,kwargs,arg,states", _rows())
+def test_invalid_value_raises_value_error_naming_the_argument(name, kwargs, arg, states):
     with pytest.raises(ValueError) as info:
         _make(name, **kwargs)
-    assert _names_the_argument(str(info.value), arg), f"{name}({kwargs}) -> {info.value!s} does not name `{arg}`"
+    message = str(info.value)
+    assert _names_the_argument(message, arg), f"{name}({kwargs}) -> {message} does not name `{arg}`"
+    if issubclass(PUBLIC[name], torch.optim.Optimizer):
+        assert message.startswith(f"{name}: invalid "), message
+    if states is not None:
+        for text in (states,) if isinstance(states, str) else states:
+            assert text in message, f"{name}({kwargs}) -> {message} does not state {text!r}"
+        assert _states_the_value(message, arg, kwargs[arg]), f"{name}({kwargs}) -> {message} omits the value"
 
 
 @pytest.mark.parametrize("name", [n for n, c in PUBLIC.items() if issubclass(c, torch.optim.Optimizer)])
