@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import Worker, mean
+from reference import Worker, lookahead, mean
 from scripts._common import Recorder, TinyModel, flat_params, pl, recording
 from threaded import RankError, run_threaded, trainer
 
@@ -189,3 +189,16 @@ def test_a_failing_rank_never_hangs_the_others():
     with pytest.raises(RankError, match="rank 0 raised ValueError") as info:
         run_threaded(2, fn, timeout=30, grace=0.5)
     assert isinstance(info.value.errors[0], ValueError) and info.value.errors[1] is not None
+
+
+@pytest.mark.parametrize("pullback", ["none", "pullback"])
+def test_lookahead_local_mode_is_the_multi_agent_form(pullback):
+    """Local mode, 2 ranks: no per-step communication; at a sync z ← z + α(x̄ − z), x̄ the workers' mean,
+    α = 0.3, and each worker's momentum is pulled back toward its own momentum at the last sync."""
+    runs = _fit_ranks(2, lambda: LookaheadStrategy(period=3, alpha=0.3, mode="local", pullback_momentum=pullback),
+                      12, models=[TinyModel(bn=False, momentum=0.9) for _ in range(2)])
+    refs = lookahead(0.3, 3, 12, pullback, world=2)
+    for (strategy, _, params), ref in zip(runs, refs):
+        torch.testing.assert_close(params, ref, atol=2e-6, rtol=1e-5)
+        assert strategy.meter.syncs == 4
+    assert not torch.equal(runs[0][2][1], runs[1][2][1])  # the workers differ between syncs
