@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,8 +138,16 @@ def test_out_of_range_is_nan_never_clamped():
             break
     else:  # pragma: no cover
         pytest.fail("no seed gave an estimate above 2")
-    b = _mohammadi_blocks("t", x, 10, None)
-    assert est == pytest.approx(1.0 / _mohammadi_inverse(b, None, True).item(), rel=1e-12)
+    # the oracle: Mohammadi et al. 2015, Cor. 2.4 written out with K1 = 10 (a trailing partial block dropped),
+    # 1/α̂ = ((1/K2) Σ_j log|Y_j| − (1/K) Σ_i log|X_i|) / log K1
+    for m in (1997, 2000):  # the full series last: `inv` is then the estimate of x
+        blocks = x[:m].numpy()[: 10 * (m // 10)].reshape(-1, 10)
+        inv = (np.log(np.abs(blocks.sum(1))).mean() - np.log(np.abs(blocks)).mean()) / math.log(10)
+        assert tail_index_mohammadi(x[:m], 10, max_alpha=None).item() == pytest.approx(1.0 / inv, rel=1e-12)
+    assert est == pytest.approx(1.0 / inv, rel=1e-12) and est > 2.0
+    # closed form: constant data have Y_j = K1·c, so 1/α̂ = log K1 / log K1 and α̂ = 1 for every c and K1
+    for c, k1 in ((0.3, 10), (-7.0, 3)):
+        assert tail_index_mohammadi(torch.full((200,), c, dtype=torch.float64), k1).item() == pytest.approx(1.0)
     assert math.isnan(tail_index_mohammadi(x, 10, max_alpha=2.0).item())
     # all-zero input: nothing to estimate
     assert math.isnan(tail_index_mohammadi(torch.zeros(100), 10).item())
