@@ -421,3 +421,25 @@ class ClipOptimizerBase(Optimizer):
             }
         if extra is not None:
             self._load_extra_state(extra)
+
+
+def scaled_norm(norm: Tensor, scaled: list[tuple[float, list[Tensor]]]) -> Callable[[], tuple[Tensor, Tensor]]:
+    """For :attr:`last_stats` of a gradient whose parameter groups were multiplied by their own factors: a builder
+    of (the 2-norm of the scaled gradient, the share of coordinates whose factor is < 1). ``norm`` is the 2-norm
+    of the whole raw gradient; ``scaled`` lists (factor, the group's gradients). One factor for all groups costs
+    nothing now (``norm · s``, built when read); differing per-group thresholds take per-group norms now, before
+    the next backward overwrites the gradients (device ops, no host sync)."""
+    factors = {s for s, grads in scaled if grads}
+
+    def fraction() -> Tensor:
+        numel = sum(g.numel() for _, grads in scaled for g in grads)
+        shrunk = sum(g.numel() for s, grads in scaled if s < 1.0 for g in grads)
+        return torch.full((), shrunk / max(1, numel), device=norm.device)
+
+    if len(factors) <= 1:
+        factor = factors.pop() if factors else 1.0
+        return lambda: (norm * factor, fraction())
+    squares = [torch.stack(torch._foreach_norm(grads)).to(norm.device, norm.dtype).square().sum() * (s * s)
+               for s, grads in scaled if grads]
+    post = torch.stack(squares).sum().sqrt()
+    return lambda: (post, fraction())

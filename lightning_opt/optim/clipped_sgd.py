@@ -15,6 +15,7 @@ from lightning_opt.optim._common import (
     check_momentum,
     check_positive,
     pick,
+    scaled_norm,
     sgd_update,
     state_dtype,
     total_norm,
@@ -63,8 +64,9 @@ class ClippedSGD(ClipOptimizerBase):
 
     Statistics of the last step, :attr:`last_stats` (0-d tensors): ``grad_norm`` (global 2-norm of the raw
     gradient), ``post_clip_norm`` (2-norm of the clipped gradient), ``clip_scale`` (GClip:
-    :math:`\min\{1, \tau/\lVert g\rVert\}`; CClip: 1), ``clip_fraction`` (fraction of gradient coordinates
-    changed by clipping: GClip 0 or 1, CClip the share of :math:`|g_i| > \tau`), ``skipped``.
+    :math:`\min\{1, \tau/\lVert g\rVert\}`, or with different ``max_norm`` per group the overall ratio
+    ``post_clip_norm / grad_norm``; CClip: 1), ``clip_fraction`` (fraction of gradient coordinates changed by
+    clipping: GClip the share in groups whose factor is < 1, CClip the share of :math:`|g_i| > \tau`), ``skipped``.
     """
 
     def __init__(
@@ -129,7 +131,7 @@ class ClippedSGD(ClipOptimizerBase):
         if norm is None or norm_value is None:
             return loss
         device = norm.device
-        global_tau: float | None = None  # GClip: threshold of the first group (for the statistics)
+        scaled: list[tuple[float, list[Tensor]]] = []  # GClip: each group's factor (for the statistics)
         clipped_count: list[Tensor] = []
         post_norms: list[Tensor] = []  # CClip: norms of the clipped gradient
         numel = 0
@@ -148,7 +150,7 @@ class ClippedSGD(ClipOptimizerBase):
             bufs = self._bufs(group, params)
             if group["scope"] == "global":
                 scale = min(1.0, tau / norm_value) if norm_value > 0 else 1.0
-                global_tau = tau if global_tau is None else global_tau
+                scaled.append((scale, grads))
                 sgd_update(params, grads, bufs, scale=scale, **kwargs)
                 continue
             # CClip: clamp(g, -tau, tau)
@@ -173,22 +175,21 @@ class ClippedSGD(ClipOptimizerBase):
                 clipped_count.extend((g.abs() > tau).sum().to(device) for g in grads)
                 sgd_update(params, clipped, bufs, scale=1.0, **kwargs)
         norm = norm.detach()
-        clip_scale = 1.0 if global_tau is None or norm_value <= global_tau else global_tau / norm_value
+        global_post = scaled_norm(norm, scaled) if scaled else None
 
         def build() -> dict[str, Tensor]:  # lazily, on the device, no host sync
-            if numel:  # CClip share of |g_i| > tau
+            if global_post is not None:  # GClip: a group's coordinates are all scaled, or none
+                post, fraction = global_post()
+                clip_scale = post / norm if norm_value > 0 else torch.ones((), device=device)
+            else:  # CClip: share of |g_i| > tau
                 fraction = torch.stack(clipped_count).sum().float() / numel
-            else:  # GClip: every coordinate is scaled, or none
-                fraction = torch.full((), float(clip_scale < 1.0), device=device)
-            if post_norms:
                 post = torch.linalg.vector_norm(torch.stack(post_norms).to(norm.dtype))
-            else:
-                post = norm * clip_scale
+                clip_scale = torch.ones((), device=device)
             return {
                 "grad_norm": norm,
                 "post_clip_norm": post.float(),
-                "clip_scale": torch.full((), clip_scale, device=device),
-                "clip_fraction": fraction,
+                "clip_scale": clip_scale.float(),
+                "clip_fraction": fraction.float(),
                 "skipped": torch.zeros((), device=device),
             }
 

@@ -12,6 +12,7 @@ from lightning_opt.optim._common import (
     ClipOptimizerBase,
     check_momentum,
     check_nonneg,
+    scaled_norm,
     sgd_update,
     state_dtype,
     total_norm,
@@ -48,8 +49,9 @@ class NormalizedSGD(ClipOptimizerBase):
         maximize, foreach, nonfinite: as in :class:`ClippedSGD` (``nonfinite``: ``"skip"`` or ``"raise"``).
 
     :attr:`last_stats` (0-d tensors): ``grad_norm`` (raw gradient), ``post_clip_norm``
-    (:math:`\lVert g\rVert/(\lVert g\rVert+\beta)`), ``clip_scale``
-    (:math:`1/(\lVert g\rVert + \beta)`, the factor applied to the gradient before ``lr``), ``skipped``.
+    (:math:`\lVert g\rVert/(\lVert g\rVert+\beta)`; with different β per group, the 2-norm of the normalised
+    gradient), ``clip_scale`` (:math:`1/(\lVert g\rVert + \beta)`, the factor applied to the gradient before
+    ``lr``; with different β per group, ``post_clip_norm / grad_norm``), ``skipped``.
     """
 
     def __init__(
@@ -92,14 +94,13 @@ class NormalizedSGD(ClipOptimizerBase):
         norm_value = None if norm is None else self._check_finite(norm)  # the step's one host sync
         if norm is None or norm_value is None:
             return loss
-        first_beta: float | None = None
+        scaled: list[tuple[float, list[Tensor]]] = []  # each group's factor (for the statistics)
         for group, (params, grads) in zip(self.param_groups, collected, strict=True):
             if not params:
                 continue
-            beta = float(group["beta"])
-            first_beta = beta if first_beta is None else first_beta
-            denom = norm_value + beta
+            denom = norm_value + float(group["beta"])
             scale = 1.0 / denom if denom > 0 else 0.0
+            scaled.append((scale, grads))
             momentum = float(group["momentum"])
             bufs = None
             if momentum != 0:
@@ -123,15 +124,18 @@ class NormalizedSGD(ClipOptimizerBase):
                 foreach=self._foreach(group),
             )
         norm = norm.detach()
-        denom = norm_value + (first_beta or 0.0)
-        clip_scale = 1.0 / denom if denom > 0 else 0.0
-        self._set_stats(
-            lambda: {
-                "grad_norm": norm,
-                "post_clip_norm": norm.float() * clip_scale,
-                "clip_scale": torch.full((), clip_scale, device=norm.device),
-                "skipped": torch.zeros((), device=norm.device),
-            }
-        )
+        post = scaled_norm(norm, scaled)
+        factors = {s for s, _ in scaled}
+
+        def build() -> dict[str, Tensor]:  # lazily, on the device, no host sync
+            scaled_post = post()[0]
+            if len(factors) == 1:
+                clip_scale = torch.full((), next(iter(factors)), device=norm.device)
+            else:
+                clip_scale = scaled_post / norm if norm_value > 0 else torch.zeros((), device=norm.device)
+            return {"grad_norm": norm, "post_clip_norm": scaled_post.float(), "clip_scale": clip_scale.float(),
+                    "skipped": torch.zeros((), device=norm.device)}
+
+        self._set_stats(build)
         self._steps += 1
         return loss
