@@ -150,6 +150,18 @@ def test_lsgd_group_pulls_then_global_pull_with_their_own_lambdas():
             torch.testing.assert_close(s.post[k].double(), expected[r], atol=1e-6, rtol=0)
 
 
+def test_lsgd_pull_one_copies_the_argmin_leader_over_four_workers():
+    """λ = 1 copies the leader exactly; the leader is the arg-min of the windowed losses (rank 3, offset 0.5)."""
+    runs = _fit_ranks(4, lambda: recording(LSGDStrategy)(period=2, pull=1.0, group_size=4, leader_window=2), 8,
+                      models=[Offset(bn=False) for _ in range(4)])
+    history = runs[0][0].history
+    assert [h["leader"] for h in history] == [3, 3, 3, 3]
+    scores = torch.tensor(history[0]["scores"])
+    assert int(torch.argmin(scores)) == 3 and scores[0] - scores[3] > 2.0
+    for s, _, _ in runs:
+        assert all(torch.equal(post, pre) for post, pre in zip(s.post, runs[3][0].pre))
+
+
 def test_lsgd_drop_resets_the_bad_worker_to_its_leader_and_never_elects_it():
     """Rank 1 (offset 1.0 < 3.0: the leader) goes NaN after step 3: at the sync after step 4 it is out of the
     election (score ∞), rank 0 leads and rank 1 is reset to it exactly (λ = 1 for a reset, not λ = 0.25)."""

@@ -1,13 +1,12 @@
 """Rank script for LSGDStrategy: records every rank's parameters right before and after each sync.
 
-argv: out_dir scenario pull global_pull group_size global_period offsets(comma list) [poison_rank]
+argv: out_dir scenario pull global_pull group_size global_period offsets(comma list)
 Training losses are offset per rank by a constant (the gradients are unchanged), so the leader is known.
 """
 
 import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from _common import WORLD_SIZE, TinyModel, rank, recording, trainer
 
@@ -19,7 +18,6 @@ pull, global_pull = float(sys.argv[3]), float(sys.argv[4])
 group_size = None if sys.argv[5] == "none" else int(sys.argv[5])
 global_period = None if sys.argv[6] == "none" else int(sys.argv[6])
 offsets = [float(v) for v in sys.argv[7].split(",")]
-poison = int(sys.argv[8]) if len(sys.argv) > 8 else -1
 
 
 class OffsetModel(TinyModel):
@@ -27,17 +25,9 @@ class OffsetModel(TinyModel):
         return super().training_step(batch, batch_idx) + offsets[self.global_rank]
 
 
-class Poison(pl.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_rank == poison and trainer.global_step == 3:
-            with torch.no_grad():
-                next(pl_module.parameters()).view(-1)[0] = float("nan")
-
-
 s = recording(LSGDStrategy)(period=2, pull=pull, global_pull=global_pull, group_size=group_size,
-                            global_period=global_period, leader_window=2, timeout=60,
-                            nonfinite="drop" if poison >= 0 else "raise")
+                            global_period=global_period, leader_window=2, timeout=60)
 model = OffsetModel(bn=False)
-trainer(s, max_steps=8, callbacks=[Poison()]).fit(model)
+trainer(s, max_steps=8).fit(model)
 torch.save({"pre": torch.stack(s.pre), "post": torch.stack(s.post), "history": s.history, "world": WORLD_SIZE},
            out / f"rank{rank()}.pt")
