@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from scripts._common import pl
+from scripts._common import trainer as scripts_trainer
 from torch.testing._internal.distributed.multi_threaded_pg import (
     ProcessLocalGroup,
     _install_threaded_pg,
@@ -70,13 +71,6 @@ class ThreadRank(ClusterEnvironment):
 
     def node_rank(self) -> int:
         return 0
-
-
-def fit_kwargs(world: int, rank: int, steps: int) -> dict[str, Any]:
-    """Trainer arguments for rank ``rank`` of a threaded run (no logger, no checkpoints, no progress bar)."""
-    return dict(accelerator="cpu", devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                use_distributed_sampler=False)
 
 
 def run_threaded(world: int, fn: Callable[[int], Any], timeout: float = 20.0, grace: float = 3.0) -> list[Any]:
@@ -143,6 +137,6 @@ class RankError(Exception):
 
 
 def trainer(world: int, rank: int, strategy: Any, steps: int, callbacks: list[Any]) -> Any:
-    """A Trainer for rank ``rank`` of a threaded run of ``strategy``."""
+    """A Trainer for rank ``rank`` of a threaded run of ``strategy`` (the test scripts' Trainer settings)."""
     strategy.cluster_environment = ThreadRank(rank, world)
-    return pl.Trainer(strategy=strategy, callbacks=callbacks, **fit_kwargs(world, rank, steps))
+    return scripts_trainer(strategy, max_steps=steps, callbacks=callbacks, devices=world)
