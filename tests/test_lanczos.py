@@ -224,6 +224,21 @@ def test_curvature_adaptive_period_reacts_to_lambda_min():
     assert other.next_period(110, 0.1, SimpleNamespace()) == 10  # resumed schedule keeps the last measurement
 
 
+def test_curvature_adaptive_period_divides_by_one_minus_alpha_for_lookahead():
+    # Cor. 5.4: Lookahead's horizon may reach 1/((1 − α)L⁻); α = 0.3 → τ = floor(0.5 / (0.1 · 0.7 · 0.5)) = 14.
+    from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy
+    sched = CurvatureAdaptivePeriod(c=0.5, min_period=2, max_period=64)
+    curvature = {"lambda_max": 50.0, "lambda_min": -0.5, "step": 10}
+    lookahead = SimpleNamespace(strategy=LookaheadStrategy(alpha=0.3), lightning_opt_curvature=curvature)
+    assert lookahead.strategy.horizon_factor == pytest.approx(0.7)
+    assert sched.next_period(20, 0.1, lookahead) == 14
+    assert LookaheadStrategy(alpha=0.3, mode="local").horizon_factor == pytest.approx(0.7)  # one rank: Lookahead
+    local = SimpleNamespace(strategy=LocalSGDStrategy(period=4), lightning_opt_curvature=curvature)
+    assert sched.next_period(20, 0.1, local) == 10  # Thm 6.7: no (1 − α)
+    assert sched.period_for(0.1, -0.5, horizon_factor=0.0) == 64  # α = 1 is SGD: no bound
+    assert sched.period_for(0.01, -0.5, horizon_factor=0.25) == 64  # 400 clamped
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"c": 0.0}, "`c`"), ({"c": float("inf")}, "`c`"), ({"min_period": 0}, "min_period"),
     ({"min_period": 5, "max_period": 3}, "max_period"), ({"default_period": 10_000}, "default_period"),

@@ -1,9 +1,9 @@
 """Curvature-adaptive synchronisation period for Local SGD / Lookahead.
 
 Seed: curvature paper, Thm 6.7 (Local SGD converges if γL⁺ = O(1) and γτL⁻ = O(1)) and Cor. 5.4 (Lookahead: the
-horizon s = γτ may grow up to O(1/L⁻), independently of the positive curvature). L⁻ is the lower smoothness,
-∇²f ⪰ −L⁻ I, i.e. L⁻ = max(0, −λ_min(∇²f)). Hence the longest safe period at learning rate γ is
-τ = c / (γ L⁻).
+horizon s = γτ may grow up to s < 1/((1 − α)L⁻), independently of the positive curvature). L⁻ is the lower
+smoothness, ∇²f ⪰ −L⁻ I, i.e. L⁻ = max(0, −λ_min(∇²f)). Hence the longest safe period at learning rate γ is
+τ = c / (γ L⁻) for Local SGD and τ = c / (γ (1 − α) L⁻) for Lookahead.
 
 The only coupling to the callbacks is the documented trainer attribute ``trainer.lightning_opt_curvature``
 that :class:`~lightning_opt.callbacks.sharpness.SharpnessMonitor` publishes: ``{"lambda_max": float,
@@ -22,8 +22,14 @@ CURVATURE_ATTR = "lightning_opt_curvature"
 
 
 class CurvatureAdaptivePeriod(PeriodSchedule):
-    """τ = clamp(⌊c / (lr · L⁻)⌋, min_period, max_period) with L⁻ = max(0, −λ_min) from the latest
-    ``SharpnessMonitor`` measurement (curvature paper, Thm 6.7 / Cor. 5.4: γτL⁻ = O(1)).
+    """τ = clamp(⌊c / (lr · h · L⁻)⌋, min_period, max_period) with L⁻ = max(0, −λ_min) from the latest
+    ``SharpnessMonitor`` measurement and h the strategy's ``horizon_factor``.
+
+    Curvature paper, Thm 6.7 (Local SGD: γτL⁻ = O(1), h = 1) and Cor. 5.4 (Lookahead: any horizon
+    s = γτ < 1/((1 − α)L⁻), h = 1 − α). :class:`LookaheadStrategy` reports h = 1 − α in ``mode="sync"`` or on one
+    rank, where it is the corollary's single-agent Lookahead; with α = 1 it is plain SGD and the period is
+    ``max_period``. Local SGD, and Lookahead ``mode="local"`` on several ranks (no theorem covers the mix), use
+    h = 1, the smaller of the two bounds.
 
     Args:
         c: the constant in γτL⁻ = c, > 0 (default 0.5).
@@ -54,14 +60,15 @@ class CurvatureAdaptivePeriod(PeriodSchedule):
         self.last_measured_step: int | None = None
         self.last_period: int | None = None
 
-    def period_for(self, lr: float, lambda_min: float | None) -> int:
-        """τ for learning rate ``lr`` and minimum Hessian eigenvalue ``lambda_min`` (``None``: default)."""
+    def period_for(self, lr: float, lambda_min: float | None, horizon_factor: float = 1.0) -> int:
+        """τ for learning rate ``lr``, minimum Hessian eigenvalue ``lambda_min`` (``None``: default) and the
+        strategy's ``horizon_factor`` h ∈ [0, 1] (1 − α for Lookahead, 1 for Local SGD)."""
         if lambda_min is None or not math.isfinite(lambda_min):
             return self.default_period
-        l_minus = max(0.0, -float(lambda_min))
-        if not (lr > 0) or l_minus == 0.0:
+        scaled = max(0.0, -float(lambda_min)) * float(horizon_factor)
+        if not (lr > 0) or not (scaled > 0):
             return self.max_period
-        raw = self.c / (float(lr) * l_minus)
+        raw = self.c / (float(lr) * scaled)
         tau = self.max_period if raw >= self.max_period else math.floor(raw)
         return int(min(self.max_period, max(self.min_period, tau)))
 
@@ -72,7 +79,8 @@ class CurvatureAdaptivePeriod(PeriodSchedule):
             if math.isfinite(lam):
                 self.last_lambda_min = lam
                 self.last_measured_step = int(info.get("step", -1))
-        self.last_period = self.period_for(lr, self.last_lambda_min)
+        factor = getattr(getattr(trainer, "strategy", None), "horizon_factor", 1.0)
+        self.last_period = self.period_for(lr, self.last_lambda_min, factor)
         return self.last_period
 
     def state_dict(self) -> dict[str, Any]:

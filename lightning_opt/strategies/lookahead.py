@@ -35,7 +35,7 @@ class LookaheadStrategy(LocalSGDStrategy):
     the papers' Alg. 1. (timm's ``Lookahead`` creates its slow copy lazily at the first sync, so its first slow
     update is a no-op; ours is not.) ``period`` accepts a schedule: ``ConstantHorizon(s)`` keeps γk = s as the lr
     decays (curvature paper Alg. 3 / Cor. 5.7); the paper bounds the horizon by the negative curvature,
-    γk < 1/((1 − α)L⁻), which ``CurvatureAdaptivePeriod`` follows.
+    γk < 1/((1 − α)L⁻), which ``CurvatureAdaptivePeriod`` follows (see :attr:`horizon_factor`).
 
     ``pullback_momentum`` handles the inner optimizer's first moment (``momentum_keys`` in its state, by default
     SGD's ``momentum_buffer`` and Adam's ``exp_avg``) at a sync: ``"none"`` leaves it, ``"reset"`` zeroes it,
@@ -80,6 +80,12 @@ class LookaheadStrategy(LocalSGDStrategy):
     @property
     def uses_outer(self) -> bool:
         return True  # the slow weights are the anchor, whatever α is
+
+    @property
+    def horizon_factor(self) -> float:
+        """h in ``CurvatureAdaptivePeriod``'s τ = c/(γ h L⁻): 1 − α where this is single-agent Lookahead (curvature
+        paper Cor. 5.4: s < 1/((1 − α)L⁻)), else 1 (Local SGD's Thm 6.7, the smaller bound)."""
+        return 1.0 - self.alpha if self.mode == "sync" or self.world == 1 else 1.0
 
     def _sync(self, idx: int, step: int) -> None:
         params = self._opt_params(idx)
