@@ -104,7 +104,13 @@ class TimeAverageMonitor(RankLocal, Callback):
       start of the current constant-lr phase (``reset_on_lr_change=True``: it restarts whenever
       ``trainer.optimizers[0].param_groups[0]["lr"]`` changes, so it estimates the invariant measure of one
       map F_η) or since the start of training (``False``);
-    - ``window_avg/<metric>``: the average over the last ``window`` optimizer steps (Lemma 6.4.2's M_t).
+    - ``window_avg/<metric>``: the average over the last ``window`` optimizer steps (Lemma 6.4.2's M_t); with
+      ``reset_on_lr_change=True`` it restarts at an lr change too, so it never mixes two maps.
+
+    The restart is *our* default, not the thesis': eq. (6.3) is the plain Cesàro mean over the whole iterate
+    sequence of one map F_η (ch. 6 keeps η fixed), and the thesis does not say what to average once η changes.
+    A mean over a mix of maps estimates neither invariant measure, so we restart; ``reset_on_lr_change=False``
+    gives the thesis' plain mean over the whole run.
 
     Metrics are read by name from ``trainer.callback_metrics`` (also ``<name>_step``); absent ones are
     skipped.
@@ -181,7 +187,8 @@ class TimeAverageMonitor(RankLocal, Callback):
         metrics: names of logged metrics to average; ``None`` = ``(loss_key, *DEFAULT_METRICS)``.
         loss_key: name under which the module logs its training loss.
         window: steps in the sliding-window average (≥ 1).
-        reset_on_lr_change: restart the Cesàro averages (and gain statistics) at every lr change.
+        reset_on_lr_change: restart the Cesàro and window averages (and gain statistics) at every lr change
+            (our default; ``False`` is the thesis' plain Cesàro mean, see above).
         gain_every: optimizer steps between gain evaluations (≥ 0; 0 disables the gain and the plateau test).
             ``None`` (default): ``GAIN_EVERY_PLATEAU`` = 10 with a plateau test (it needs ``gain_window`` samples
             per check), ``GAIN_EVERY_DIAGNOSTIC`` = 100 without one — the extra forward then costs about 1/300
