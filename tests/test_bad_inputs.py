@@ -123,6 +123,7 @@ TABLE: dict[str, list[tuple]] = {
         ({"max_norm": INF}, "max_norm", "max_norm > 0"), ({"momentum": 1.0}, "momentum", "0 <= momentum < 1"),
         ({"momentum": -0.1}, "momentum", "0 <= momentum < 1"), ({"nesterov": True}, "nesterov", "momentum in (0, 1)"),
         ({"nesterov": "yes"}, "nesterov", "True or False"), ({"scope": "layer"}, "scope", "'global', 'coordinate'"),
+        ({"clip": "weights"}, "clip", "'gradient', 'momentum'"), ({"clip": "momentum"}, "clip", "scope='coordinate'"),
     ],
     "NormalizedSGD": _OPTIM_COMMON + [
         ({"beta": -1.0}, "beta", "beta >= 0"), ({"beta": NAN}, "beta", "beta >= 0"),
@@ -134,6 +135,7 @@ TABLE: dict[str, list[tuple]] = {
         ({"betas": (1.0, 0.99)}, "betas", "0 <= betas[0] < 1"), ({"betas": (0.9, -0.1)}, "betas", "0 <= betas[1] < 1"),
         ({"alpha": 0.0}, "alpha", "(0.0, 2.0]"), ({"alpha": 2.5}, "alpha", "(0.0, 2.0]"),
         ({"eps": 0.0}, "eps", "eps > 0"), ({"eps": -1e-8}, "eps", "eps > 0"),
+        ({"adaptive": "yes"}, "adaptive", "True or False"), ({"adaptive": True, "alpha": 1.0}, "alpha", "alpha=2"),
     ],
     "StochasticINGD": _OPTIM_COMMON + [
         ({"beta": 1.0}, "beta", "0 <= beta < 1"), ({"beta": -0.5}, "beta", "0 <= beta < 1"),

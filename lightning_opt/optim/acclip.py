@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,6 +13,7 @@ from lightning_opt.optim._common import (
     ClipOptimizerBase,
     buckets,
     check_beta,
+    check_bool,
     check_interval,
     check_positive,
     pick,
@@ -21,7 +23,7 @@ from lightning_opt.optim._common import (
     write_back,
 )
 
-__all__ = ["ACClip"]
+__all__ = ["ACClip", "acclip_adaptive"]
 
 
 def _abs_pow(ts: list[Tensor], alpha: float, foreach: bool) -> list[Tensor]:
@@ -71,6 +73,22 @@ class ACClip(ClipOptimizerBase):
     grows like :math:`(1-\beta_2^k)^{1/\alpha}` while :math:`|m_k|` grows like :math:`1-\beta_1^k`), a
     built-in warm-up in line with the warm-up used in the BERT runs.
 
+    **Adaptive step** (``adaptive=True``), thesis §7.2.1: RMSProp read as clipping. With :math:`v_{k-1}` the
+    running second moment before step :math:`k` (``alpha=2``: :math:`v_k = \beta_2 v_{k-1} + (1-\beta_2) g_k^2`,
+    :math:`v_0 = 0`) and :math:`d_k = \epsilon + \sqrt{\beta_2 v_{k-1}}` per coordinate, the step size and the
+    threshold become
+
+    .. math:: \eta_k = \frac{2\eta}{d_k}, \qquad \tau_k = \frac{d_k}{\sqrt{1-\beta_2}}, \qquad
+        x_k = x_{k-1} - \eta_k \min\Big\{\frac{\tau_k}{|m_k|}, 1\Big\} m_k,
+
+    against RMSProp with step :math:`\eta` (there :math:`m_k = g_k`, i.e. ``betas[0] = 0``; we clip the momentum
+    as Alg. 1 does). The thesis states :math:`\tfrac12 h_\text{clip} \le h_\text{RMSProp} \le 2 h_\text{clip}`
+    for the per-coordinate step sizes; what holds (as :math:`\epsilon \to 0`) is
+    :math:`h_\text{clip}/(2\sqrt2) \le h_\text{RMSProp} \le h_\text{clip}/2`, both ends reached: this step is
+    2 to 2.8 times RMSProp's at the same ``lr`` (the thesis' lower bound is off by up to :math:`\sqrt2`). ``lr``
+    is thus an RMSProp-sized step, and the thesis' BERT lr 1e-4 makes sense; with ``adaptive=False`` the step
+    is ``lr`` itself, and 1e-4 barely moves a small model.
+
     **Weight decay** is decoupled (AdamW-style): :math:`x_k = (1 - \eta_k\lambda)\,x_{k-1} - \eta_k \hat g_k`.
     Coupled L2 (:math:`g_k + \lambda x`) would pass the deterministic decay term through the moment estimate
     :math:`\tau` and through the clip, so its strength would depend on the noise level and could be clipped
@@ -81,9 +99,11 @@ class ACClip(ClipOptimizerBase):
         params: parameters or param groups.
         lr: :math:`\eta \ge 0`.
         betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
-        alpha: moment order :math:`\alpha \in (0, 2]`.
+        alpha: moment order :math:`\alpha \in (0, 2]`; ``None`` (default): 1, or 2 with ``adaptive=True``
+            (which needs 2: §7.2.1 uses the second moment).
         eps: :math:`\epsilon > 0` (keeps the ratio finite where :math:`m = 0`).
         weight_decay: decoupled decay :math:`\lambda \ge 0`.
+        adaptive: the §7.2.1 step and threshold above (optimizer-wide).
         maximize, foreach, nonfinite: as in :class:`ClippedSGD` (``nonfinite``: ``"skip"`` or ``"raise"``).
 
     State per parameter (float32 for half-precision parameters): ``exp_avg`` (:math:`m`) and ``tau_alpha``
@@ -98,18 +118,20 @@ class ACClip(ClipOptimizerBase):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
-        alpha: float = 1.0,
+        alpha: float | None = None,
         eps: float = 1e-5,
         weight_decay: float = 1e-5,
         *,
+        adaptive: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
+        self.adaptive = bool(check_bool("ACClip", "adaptive", adaptive))
         defaults = dict(
             lr=lr,
             betas=betas,
-            alpha=alpha,
+            alpha=(2.0 if adaptive else 1.0) if alpha is None else alpha,
             eps=eps,
             weight_decay=weight_decay,
             maximize=maximize,
@@ -124,6 +146,9 @@ class ACClip(ClipOptimizerBase):
         check_beta(name, "betas[0]", betas[0])
         check_beta(name, "betas[1]", betas[1])
         check_interval(name, "alpha", group["alpha"], 0.0, 2.0, low_open=True, high_open=False)
+        if self.adaptive and group["alpha"] != 2.0:
+            raise ValueError(f"{name}: invalid alpha={group['alpha']!r} with adaptive=True; the adaptive step uses "
+                             "the second moment (accepted: alpha=2 or None)")
         check_positive(name, "eps", group["eps"])
 
     def _states(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -162,6 +187,11 @@ class ACClip(ClipOptimizerBase):
             alpha = float(group["alpha"])
             exp_avgs, tau_alphas = self._states(params)
             numel += sum(g.numel() for g in grads)
+            if self.adaptive:
+                unclipped.extend(c.to(device) for c in acclip_adaptive(
+                    params, grads, exp_avgs, tau_alphas, self._scratch(params), lr=lr, beta1=beta1, beta2=beta2,
+                    eps=eps, weight_decay=wd, foreach=foreach))
+                continue
             if not foreach:
                 for p, g, m, ta in zip(params, grads, exp_avgs, tau_alphas, strict=True):
                     m.lerp_(g, 1.0 - beta1)
@@ -215,3 +245,31 @@ class ACClip(ClipOptimizerBase):
         self._set_stats(build)
         self._steps += 1
         return loss
+
+
+def acclip_adaptive(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], sq_avgs: list[Tensor],
+                    scratch: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    foreach: bool) -> list[Tensor]:
+    """Thesis §7.2.1 per coordinate: d = ε + √(β₂ v), m ← β₁m + (1 − β₁)g,
+    x ← (1 − ηλ)x − (2η/d)·clamp(m, −d/√(1 − β₂), d/√(1 − β₂)), then v ← β₂v + (1 − β₂)g². Returns the number of
+    unclipped coordinates per tensor."""
+    unclipped: list[Tensor] = []
+    groups = buckets(params) if foreach else [[i] for i in range(len(params))]
+    for idx in groups:
+        ps, gs, ms, vs, ds = (pick(t, idx) for t in (params, grads, exp_avgs, sq_avgs, scratch))
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_copy_(ds, vs)  # d = eps + sqrt(beta2 v), from v before this step's gradient
+        torch._foreach_mul_(ds, beta2)
+        torch._foreach_sqrt_(ds)
+        torch._foreach_add_(ds, eps)
+        taus = torch._foreach_div(ds, math.sqrt(1.0 - beta2))
+        steps = torch._foreach_minimum(ms, taus)
+        torch._foreach_maximum_(steps, torch._foreach_neg(taus))
+        unclipped.extend((m.abs() <= t).sum() for m, t in zip(ms, taus, strict=True))
+        ws = working_copies(ps)
+        if weight_decay != 0:
+            torch._foreach_mul_(ws, 1.0 - lr * weight_decay)
+        torch._foreach_addcdiv_(ws, steps, ds, value=-2.0 * lr)
+        write_back(ps, ws, foreach=foreach)
+        torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
+    return unclipped

@@ -19,11 +19,14 @@ from lightning_opt.optim._common import (
     sgd_update,
     state_dtype,
     total_norm,
+    working_copies,
+    write_back,
 )
 
-__all__ = ["ClippedSGD"]
+__all__ = ["ClippedSGD", "cclip_momentum"]
 
 SCOPES = ("global", "coordinate")
+CLIP_TARGETS = ("gradient", "momentum")
 
 
 class ClippedSGD(ClipOptimizerBase):
@@ -42,12 +45,21 @@ class ClippedSGD(ClipOptimizerBase):
     :math:`\hat g_i = \min\{\tau/|g_i|, 1\}\,g_i = \operatorname{clamp}(g_i, -\tau, \tau)`; ``max_norm`` is
     then the per-coordinate threshold :math:`\tau`.
 
-    Weight decay and momentum follow ``torch.optim.SGD`` and act on the *clipped* gradient (the issue's
-    "momentum accumulates the clipped gradient"): with :math:`d_k = \hat g_k + \lambda x_k`,
+    Weight decay and momentum follow ``torch.optim.SGD`` and, by default (``clip="gradient"``), act on the
+    *clipped* gradient: with :math:`d_k = \hat g_k + \lambda x_k`,
     :math:`b_k = \mu b_{k-1} + d_k` (:math:`b_0 = 0`), the step is :math:`x_{k+1} = x_k - \eta b_k`, or
     :math:`x_{k+1} = x_k - \eta (d_k + \mu b_k)` with ``nesterov=True``. Hence ``ClippedSGD(scope="global")``
     is ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` followed by ``torch.optim.SGD(...).step()`` (up
     to the ``1e-6`` that ``clip_grad_norm_`` adds to the norm), without modifying ``p.grad``.
+
+    **CClip on the momentum** (``clip="momentum"``, ``scope="coordinate"`` only) is the thesis' own form,
+    §4.5.1 eq. (CClip): :math:`\operatorname{CClip}(\tau, m_k) = \min\{\tau/|m_k|, 1\}\,m_k`, the momentum
+    accumulated from the *raw* gradient and clipped when it is used, as ACClip does. Here
+    :math:`d_k = g_k + \lambda x_k`, :math:`b_k = \mu b_{k-1} + d_k` and
+    :math:`x_{k+1} = x_k - \eta\,\operatorname{clamp}(b_k, -\tau, \tau)` (Nesterov: the direction
+    :math:`d_k + \mu b_k` is clipped). Without momentum both forms coincide. The thesis' momentum is the average
+    :math:`m_k = (1-\mu)b_k`; its threshold :math:`\tau` and step :math:`\eta` are ours as
+    :math:`\tau/(1-\mu)` and :math:`\eta(1-\mu)`.
 
     Args:
         params: parameters or param groups.
@@ -57,6 +69,8 @@ class ClippedSGD(ClipOptimizerBase):
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 coefficient :math:`\lambda \ge 0` (added after clipping).
         scope: ``"global"`` (GClip) or ``"coordinate"`` (CClip); the same for all param groups.
+        clip: ``"gradient"`` (clip, then accumulate momentum) or ``"momentum"`` (accumulate, then clip the
+            momentum; needs ``scope="coordinate"``); the same for all param groups.
         maximize: maximise the objective (the gradient is negated before everything else).
         foreach: multi-tensor ``torch._foreach_*`` path (``None`` = yes) or per-tensor reference path.
         nonfinite: ``"skip"`` (skip the step, count it in :attr:`nonfinite_steps`, warn) or ``"raise"``
@@ -66,7 +80,8 @@ class ClippedSGD(ClipOptimizerBase):
     gradient), ``post_clip_norm`` (2-norm of the clipped gradient), ``clip_scale`` (GClip:
     :math:`\min\{1, \tau/\lVert g\rVert\}`, or with different ``max_norm`` per group the overall ratio
     ``post_clip_norm / grad_norm``; CClip: 1), ``clip_fraction`` (fraction of gradient coordinates changed by
-    clipping: GClip the share in groups whose factor is < 1, CClip the share of :math:`|g_i| > \tau`), ``skipped``.
+    clipping: GClip the share in groups whose factor is < 1, CClip the share of :math:`|g_i| > \tau`, or of
+    clipped momentum coordinates with ``clip="momentum"``), ``skipped``.
     """
 
     def __init__(
@@ -78,6 +93,7 @@ class ClippedSGD(ClipOptimizerBase):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         scope: str = "global",
+        clip: str = "gradient",
         *,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -90,6 +106,7 @@ class ClippedSGD(ClipOptimizerBase):
             nesterov=nesterov,
             weight_decay=weight_decay,
             scope=scope,
+            clip=clip,
             maximize=maximize,
             foreach=foreach,
         )
@@ -99,11 +116,16 @@ class ClippedSGD(ClipOptimizerBase):
         check_positive(name, "max_norm", group["max_norm"])
         check_momentum(name, group)
         check_choice(name, "scope", group["scope"], SCOPES)
-        if hasattr(self, "defaults") and group["scope"] != self.defaults["scope"]:
-            raise ValueError(
-                f"{name}: invalid scope={group['scope']!r} in a param group; the scope is optimizer-wide "
-                f"(accepted: the constructor's scope={self.defaults['scope']!r})"
-            )
+        check_choice(name, "clip", group["clip"], CLIP_TARGETS)
+        if group["clip"] == "momentum" and group["scope"] != "coordinate":
+            raise ValueError(f"{name}: invalid clip='momentum' with scope={group['scope']!r}; clipping the "
+                             "momentum is CClip's form (accepted: scope='coordinate', or clip='gradient')")
+        for key in ("scope", "clip"):
+            if hasattr(self, "defaults") and group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"{name}: invalid {key}={group[key]!r} in a param group; the {key} is optimizer-wide "
+                    f"(accepted: the constructor's {key}={self.defaults[key]!r})"
+                )
 
     def _bufs(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         if group["momentum"] == 0:
@@ -155,7 +177,11 @@ class ClippedSGD(ClipOptimizerBase):
                 continue
             # CClip: clamp(g, -tau, tau)
             numel += sum(g.numel() for g in grads)
-            if foreach:
+            if group["clip"] == "momentum":
+                norms, counts = cclip_momentum(params, grads, bufs, self._scratch(params), tau, **kwargs)
+                post_norms.extend(n.to(device) for n in norms)
+                clipped_count.extend(c.to(device) for c in counts)
+            elif foreach:
                 clipped = self._scratch(params)
                 for idx in buckets(params):
                     gs, cs = pick(grads, idx), pick(clipped, idx)
@@ -196,3 +222,35 @@ class ClippedSGD(ClipOptimizerBase):
         self._set_stats(build)
         self._steps += 1
         return loss
+
+
+def cclip_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, scratch: list[Tensor],
+                   tau: float, *, lr: float, weight_decay: float, momentum: float, nesterov: bool,
+                   foreach: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Thesis §4.5.1 (CClip) on the momentum: b ← μb + g + λx, x ← x − η clamp(b, −τ, τ) (Nesterov: the
+    direction g + λx + μb is clipped); ``scratch`` holds the directions. Returns the clipped directions' norms
+    and the numbers of clipped coordinates, per tensor."""
+    norms: list[Tensor] = []
+    counts: list[Tensor] = []
+    groups = buckets(params) if foreach else [[i] for i in range(len(params))]
+    for idx in groups:
+        ps, ds = pick(params, idx), pick(scratch, idx)
+        ws = working_copies(ps)
+        torch._foreach_copy_(ds, pick(grads, idx))  # d = g + λx
+        if weight_decay != 0:
+            torch._foreach_add_(ds, ws, alpha=weight_decay)
+        if bufs is not None:
+            bs = pick(bufs, idx)
+            torch._foreach_mul_(bs, momentum)
+            torch._foreach_add_(bs, ds)
+            if nesterov:
+                torch._foreach_add_(ds, bs, alpha=momentum)
+            else:
+                torch._foreach_copy_(ds, bs)
+        counts.extend((d.abs() > tau).sum() for d in ds)
+        torch._foreach_clamp_max_(ds, tau)
+        torch._foreach_clamp_min_(ds, -tau)
+        norms.extend(torch._foreach_norm(ds))
+        torch._foreach_add_(ws, ds, alpha=-lr)
+        write_back(ps, ws, foreach=foreach)
+    return norms, counts
