@@ -196,6 +196,10 @@ TABLE: dict[str, list[tuple]] = {
         ({"max_overhead": 1.0}, "max_overhead"), ({"max_overhead": "2%"}, "max_overhead"),
         ({"every_n_steps": 10, "max_overhead": 0.02}, "max_overhead"),
     ],
+    "RandomIterate": [
+        ({"lag": -1}, "lag", "expected an int >= 0"), ({"lag": 1.5}, "lag", "expected an int >= 0"),
+        ({"lag": True}, "lag", "expected an int >= 0"), ({"seed": -1}, "seed", "expected None or an int >= 0"),
+    ],
     "DashboardCallback": [({"layout": []}, "layout"), ({"layout": "default"}, "layout")],
     "ProgressBarMetrics": [({"keys": {"grad/norm": 1}}, "keys"), ({"keys": ["grad/norm"]}, "keys"),
                            ({"show_sync": "yes"}, "show_sync")],

@@ -3,6 +3,7 @@
 from lightning_opt.callbacks.grad_norm import GradNormMonitor
 from lightning_opt.callbacks.gradient_noise import GradientNoiseMonitor
 from lightning_opt.callbacks.progress import ProgressBarMetrics
+from lightning_opt.callbacks.random_iterate import RandomIterate
 from lightning_opt.callbacks.sharpness import CURVATURE_ATTR, SharpnessMonitor
 from lightning_opt.callbacks.time_average import TimeAverageMonitor
 
@@ -11,6 +12,7 @@ __all__ = [
     "GradNormMonitor",
     "GradientNoiseMonitor",
     "ProgressBarMetrics",
+    "RandomIterate",
     "SharpnessMonitor",
     "TimeAverageMonitor",
 ]

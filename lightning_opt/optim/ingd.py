@@ -49,6 +49,10 @@ class StochasticINGD(ClipOptimizerBase):
     then is complete; ``load_state_dict`` of such a state restores :math:`y` into the parameters (load the
     model weights first, as Lightning does). ``step()`` refuses to run while the iterate is swapped in.
 
+    **Output.** Alg. 3 returns :math:`x_{\max\{i-K, 1\}}` for :math:`i` uniform on :math:`\{1, \dots, T\}`
+    (lines 8–10), not the last iterate: add the :class:`~lightning_opt.callbacks.RandomIterate` callback
+    (``lag=K``) to end a fit on that iterate.
+
     **Weight decay** is L2 on the objective, evaluated at the oracle point: the gradient used is
     :math:`g(y) + \lambda y` (the exact gradient of :math:`f + \tfrac{\lambda}{2}\lVert\cdot\rVert^2` at
     :math:`y`), as in the thesis' experiments with SGD-style decay.
