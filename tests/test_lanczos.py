@@ -222,6 +222,11 @@ def test_curvature_adaptive_period_reacts_to_lambda_min():
     other = CurvatureAdaptivePeriod(c=0.5, min_period=2, max_period=64, default_period=4)
     other.load_state_dict(sched.state_dict())
     assert other.next_period(110, 0.1, SimpleNamespace()) == 10  # resumed schedule keeps the last measurement
+    assert other.state_dict() == sched.state_dict() == {"last_lambda_min": -0.5, "last_measured_step": 90,
+                                                         "last_period": 10}
+    trainer.lightning_opt_curvature = {"lambda_max": 50.0, "lambda_min": -0.5}  # no step published
+    sched.next_period(120, 0.1, trainer)
+    assert sched.last_measured_step == -1
 
 
 def test_curvature_adaptive_period_divides_by_one_minus_alpha_for_lookahead():
@@ -237,7 +242,10 @@ def test_curvature_adaptive_period_divides_by_one_minus_alpha_for_lookahead():
     assert sched.next_period(20, 0.1, local) == 10  # Thm 6.7: no (1 − α)
     assert sched.period_for(0.1, -0.5, horizon_factor=0.0) == 64  # α = 1 is SGD: no bound
     assert sched.period_for(0.01, -0.5, horizon_factor=0.25) == 64  # 400 clamped
-
+    assert sched.period_for(0.0, -0.5) == 64  # lr 0: no bound (no division by zero)
+    assert sched.period_for(1e-200, -1e-200) == 64  # the product underflows to 0
+    assert sched.period_for(1e-10, -1e-300) == 64  # c / (lr L⁻) overflows to inf
+    assert sched.period_for(0.5, -0.5, horizon_factor=0.5) == 4  # exactly 4: floor, not clamped
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"c": 0.0}, "`c`"), ({"c": float("inf")}, "`c`"), ({"min_period": 0}, "min_period"),

@@ -471,3 +471,10 @@ def test_acclip_adaptive_step_against_rmsprop():
     r = torch.cat(ratios)
     assert r.min().item() >= 1 / (2 * math.sqrt(2)) - 1e-9 and r.max().item() <= 0.5 + 1e-9
     assert r.min().item() < 0.36 and r.max().item() > 0.49  # both ends are reached
+
+
+def test_acclip_moment_order_defaults():
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert ACClip([p]).defaults["alpha"] == 1.0  # Alg. 1's conservative choice (§4.5)
+    assert ACClip([p], adaptive=True).defaults["alpha"] == 2.0  # §7.2.1's second moment
+    assert ACClip([p], alpha=1.5).defaults["alpha"] == 1.5

@@ -26,18 +26,9 @@ from lightning_opt.optim._common import (
 __all__ = ["ACClip", "acclip_adaptive"]
 
 
-def _abs_pow(ts: list[Tensor], alpha: float, foreach: bool) -> list[Tensor]:
-    """|t|^alpha (new tensors)."""
-    if foreach:
-        if alpha == 2.0:
-            return torch._foreach_mul(ts, ts)
-        out = torch._foreach_abs(ts)
-        if alpha != 1.0:
-            torch._foreach_pow_(out, alpha)
-        return out
-    if alpha == 2.0:
-        return [t * t for t in ts]
-    return [t.abs() if alpha == 1.0 else t.abs().pow_(alpha) for t in ts]
+def _abs_pow(t: Tensor, alpha: float) -> Tensor:
+    """|t|^alpha (a new tensor); the per-tensor path's spelling of what the foreach path does in place."""
+    return t * t if alpha == 2.0 else t.abs().pow_(alpha)
 
 
 def _root(ts: list[Tensor], alpha: float, foreach: bool) -> list[Tensor]:
@@ -195,7 +186,7 @@ class ACClip(ClipOptimizerBase):
             if not foreach:
                 for p, g, m, ta in zip(params, grads, exp_avgs, tau_alphas, strict=True):
                     m.lerp_(g, 1.0 - beta1)
-                    ta.lerp_(_abs_pow([g], alpha, False)[0], 1.0 - beta2)
+                    ta.lerp_(_abs_pow(g, alpha), 1.0 - beta2)
                     tau = _root([ta], alpha, False)[0]
                     ratio = (tau / (m.abs() + eps)).clamp_(max=1.0)
                     unclipped.append((ratio == 1.0).sum().to(device))

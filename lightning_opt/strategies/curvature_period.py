@@ -65,10 +65,10 @@ class CurvatureAdaptivePeriod(PeriodSchedule):
         strategy's ``horizon_factor`` h ∈ [0, 1] (1 − α for Lookahead, 1 for Local SGD)."""
         if lambda_min is None or not math.isfinite(lambda_min):
             return self.default_period
-        scaled = max(0.0, -float(lambda_min)) * float(horizon_factor)
-        if not (lr > 0) or not (scaled > 0):
+        denominator = float(lr) * max(0.0, -float(lambda_min)) * float(horizon_factor)
+        if not denominator > 0:  # no negative curvature, lr 0, α = 1, or an underflow: no bound
             return self.max_period
-        raw = self.c / (float(lr) * scaled)
+        raw = self.c / denominator  # may be inf: clamped below
         tau = self.max_period if raw >= self.max_period else math.floor(raw)
         return int(min(self.max_period, max(self.min_period, tau)))
 
