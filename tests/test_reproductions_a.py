@@ -65,7 +65,7 @@ def test_heavy_tail_clipping_quick(tmp_path):
 def test_charlm_clipping_quick(tmp_path):
     r = _run("charlm_clipping.py", tmp_path)
     res = r["results"]
-    assert set(res) == {"sgd", "gclip", "cclip", "acclip", "adam"}
+    assert set(res) == {"sgd", "gclip", "cclip", "acclip", "acclip_adaptive", "adam"}
     assert sorted(r["ranking_by_val"]) == sorted(res)
     for v in res.values():
         assert len(v["final_val"]) == r["seeds"] == 1
@@ -84,3 +84,10 @@ def test_lookahead_horizon_quick(tmp_path):
     # constant horizon: τ = 0.5 / lr grows 5x at each lr drop
     assert res["la_ch"]["periods"][0] == 5 and max(res["la_ch"]["periods"]) >= 25
     assert res["sgd"]["syncs"] is None and res["la"]["syncs"] > res["la_ch"]["syncs"] > 0
+    # τ is re-evaluated only at a sync, so a τ is exercised only once a period of that length ends: the script must
+    # report which ones did (quick: 5 and 25; the τ = 125 period scheduled in the last phases never completes)
+    ch = res["la_ch"]
+    assert sum(ch["completed_periods_by_tau"].values()) == ch["syncs"]
+    assert max(int(t) for t in ch["completed_periods_by_tau"]) < max(ch["periods"])
+    assert ch["slow_weights_age_at_end"] == ch["total_steps"] - ch["last_sync_step"] > 0
+    assert res["la"]["completed_periods_by_tau"] == {"5": res["la"]["syncs"]}

@@ -17,3 +17,5 @@ def test_time_average_sin_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert png.stat().st_size > 10_000
     assert "0.04" in proc.stdout and "0.01" in proc.stdout
+    # the analysis of the decay_lr run: replayed plateau test and Thm 6.5.1's one-step quantity
+    assert "[plateau test on η = 0.04]" in proc.stdout and "[Thm 6.5.1, one step" in proc.stdout

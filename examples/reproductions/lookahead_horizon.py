@@ -15,8 +15,13 @@ lr 0.1 divided by 5 at 30%, 60%, 80% of the epochs (the paper's 60/120/160 of 20
   (τ = round(0.5 / lr) re-evaluated at every synchronisation, Alg. 3).
 
 α = 0.5 (the paper does not print α; 0.5 is the Lookahead default). Measured per epoch: validation accuracy and loss
-(Lookahead: of the slow weights, which is what Lightning evaluates under the strategy), mean training loss of the
-fast weights, the current τ and the number of synchronisations.
+(Lookahead: of the slow weights, which is what Lightning evaluates under the strategy, with the BatchNorm statistics
+of the fast weights), mean training loss of the fast weights, the current τ and the number of synchronisations; per
+synchronisation: its step and the τ of the period it ended. τ is re-evaluated only at a synchronisation, so a τ is
+*tested* only once a period of that length completes: with the default 50 epochs (2,250 steps) the last τ = 625 period
+starts at step 1,855 and never completes, so the slow weights (and the reported validation numbers of ``la_ch``) stay
+those of step 1,855 for the last 395 steps. ``completed_periods_by_tau`` and ``slow_weights_age_at_end`` in the
+``RESULT`` line say so for any run length.
 
     python examples/reproductions/lookahead_horizon.py           # full (~7 min on 2 shared CPU cores)
     python examples/reproductions/lookahead_horizon.py --quick   # smoke test (<45 s)
@@ -34,6 +39,7 @@ import logging
 import statistics
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -68,8 +74,12 @@ class Recorder(Callback):
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
+        self.sync_log: list[tuple[int, int | None]] = []  # (optimizer step of the sync, τ of the period it ended)
+        self.total_steps = 0
         self._train: list[float] = []
         self._lr = float("nan")
+        self._syncs_seen = 0
+        self._tau: int | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # the lr this epoch trains with (an epoch-interval scheduler has already stepped by validation time)
@@ -77,6 +87,16 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._train.append(float(outputs["loss"].detach()))
+        strat = trainer.strategy
+        meter = getattr(strat, "meter", None)
+        if meter is not None:  # the period in progress was scheduled at the previous sync (read at the last batch)
+            if meter.syncs > self._syncs_seen:
+                self.sync_log.append((trainer.global_step, self._tau))
+                self._syncs_seen = meter.syncs
+            self._tau = getattr(strat, "_period_now", {}).get(0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.total_steps = trainer.global_step
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -99,7 +119,7 @@ class Recorder(Callback):
         self._train = []
 
 
-def run(method: str, seed: int, epochs: int, image_size: int) -> list[dict]:
+def run(method: str, seed: int, epochs: int, image_size: int) -> Recorder:
     pl.seed_everything(seed, workers=True, verbose=False)
     milestones = [round(0.3 * epochs), round(0.6 * epochs), round(0.8 * epochs)]
     model = StepScheduleClassifier(milestones, lr=LR0, momentum=0.9, weight_decay=5e-4)
@@ -117,7 +137,7 @@ def run(method: str, seed: int, epochs: int, image_size: int) -> list[dict]:
         num_sanity_val_steps=0, callbacks=[rec],
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    return rec.rows
+    return rec
 
 
 def main() -> None:
@@ -140,9 +160,11 @@ def main() -> None:
     image_size = 8
 
     runs: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+    recs: dict[str, list[Recorder]] = {m: [] for m in METHODS}
     for m in METHODS:
         for s in seeds:
-            runs[m].append(run(m, s, epochs, image_size))
+            recs[m].append(run(m, s, epochs, image_size))
+            runs[m].append(recs[m][-1].rows)
             print(f"[{m} seed {s}] final {runs[m][-1][-1]} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     results: dict[str, dict] = {}
@@ -169,6 +191,18 @@ def main() -> None:
                 phases[f"{lr:.4g}"] = rows[-1]["syncs"] - prev
                 prev = rows[-1]["syncs"]
         results[m]["syncs_per_lr_phase"] = phases
+        # which horizons were actually exercised: a τ counts once a period of that length has ended in a sync
+        rec = recs[m][0]
+        if m != "sgd":
+            last_sync = rec.sync_log[-1][0] if rec.sync_log else 0
+            results[m]["completed_periods_by_tau"] = {
+                str(k): v for k, v in sorted(Counter(tau for _, tau in rec.sync_log).items())}
+            results[m]["last_sync_step"] = last_sync
+            results[m]["slow_weights_age_at_end"] = rec.total_steps - last_sync
+        results[m]["total_steps"] = rec.total_steps
+        last_lr = min(row["lr"] for row in runs[m][0])
+        results[m]["last_phase_val_loss"] = [[row["val_loss"] for row in r if row["lr"] == last_lr] for r in runs[m]]
+        results[m]["last_phase_val_acc"] = [[row["val_acc"] for row in r if row["lr"] == last_lr] for r in runs[m]]
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for m in METHODS:
@@ -180,12 +214,17 @@ def main() -> None:
             axes[1].semilogy(ep, [row["val_loss"] for row in r], color=COLORS[m], lw=1, ls=ls, label=lab)
             axes[2].semilogy(ep, [row["train_loss"] for row in r], color=COLORS[m], lw=1, ls=ls, label=lab)
             if m != "sgd" and i == 0:
-                axes[3].semilogy(ep, [row["period"] or 1 for row in r], color=COLORS[m], ls=ls, label=f"{m} τ")
+                spe = recs[m][0].total_steps / max(len(r), 1)  # steps per epoch
+                log = recs[m][0].sync_log
+                axes[3].semilogy([st / spe for st, _ in log], [tau or 1 for _, tau in log], color=COLORS[m],
+                                 marker="o" if m == "la_ch" else ".", ms=3, ls="none", label=f"{m}: completed τ")
+                axes[3].semilogy(ep, [row["period"] or 1 for row in r], color=COLORS[m], ls=ls, lw=0.8, alpha=0.6,
+                                 label=f"{m}: τ scheduled")
     axes[0].set_ylim(0.9, 1.0)
     axes[0].set_title("val accuracy (Lookahead: slow weights)")
     axes[1].set_title("val loss (Lookahead: slow weights)")
     axes[2].set_title("training loss (fast weights, epoch mean)")
-    axes[3].set_title("period τ after each epoch (lr ÷5 at 30/60/80%)")
+    axes[3].set_title("τ: scheduled (line) vs completed periods (markers at their sync)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
