@@ -203,5 +203,5 @@ def test_fig_6_5_large_step_cycles_but_time_averages_converge():
     # the windowed average over the last 500 steps agrees with the Cesàro average (same invariant measure)
     assert grad_win_last500 == pytest.approx(grads[last].mean(), rel=1e-12)
     assert abs(grad_win_last500 - grad_avgs[-1]) / grad_avgs[-1] < 0.05
-    # ... at a higher loss than the small step size reaches (Thm 6.5.1: a smaller step lowers the loss)
+    # ... at a higher loss than the small step size reaches (below 2/L: the descent lemma)
     assert loss_avgs[-1] > -50.0

@@ -156,9 +156,11 @@ def test_gain_reuses_the_batch_rng_and_falls_back_to_the_returned_loss():
 
 
 def test_decay_lr_fires_on_the_cycling_run_and_lowers_the_loss():
-    """Fig. 6-5: η = 0.04 > 2/L cycles with a vanishing gain and a gradient norm away from 0 → plateau; the
-    decayed step (0.004 < 2/L) lowers the loss (Thm 6.5.1). η = 0.01 converges to a stationary point: its gain
-    also vanishes, but the gradient norm goes to 0, so no plateau is declared."""
+    """Fig. 6-5: η = 0.04 > 2/L keeps moving with a gain whose interval contains 0 and a gradient norm away from 0
+    → plateau (here inside the chaotic transient: the test cannot tell it from the settled cycle, see
+    docs/REPRODUCTIONS.md §1); the decayed step (0.004 < 2/L) then lowers the loss, by the descent lemma, not as a
+    test of Thm 6.5.1. η = 0.01 converges to a stationary point: its gain also vanishes, but the gradient norm
+    goes to 0, so no plateau is declared."""
     kw = dict(gain_every=1, gain_window=40, gain_batches=8, patience=3)
     hot = SinModule(lr=0.04, steps=200)
     mon = TimeAverageMonitor(plateau="decay_lr", decay_factor=0.1, **kw)

@@ -149,7 +149,10 @@ class TimeAverageMonitor(RankLocal, Callback):
     when
 
     1. the gain interval meets [−gain_tol, gain_tol] (by default: contains 0) — the per-step gain has
-       vanished, the iterates are at an invariant measure (Thm 6.4.1); and
+       vanished, as at an invariant measure (Thm 6.4.1). The gain telescopes to the loss change over the window,
+       so any stretch of iterates that is not trending down passes too, a chaotic transient included: the test
+       cannot tell a transient from the invariant regime (docs/REPRODUCTIONS.md §1; a longer ``gain_window``
+       only helps if it is longer than the transient); and
     2. the gradient norm stays away from 0 (Thm 6.5.1 needs E_μ‖∇L‖² > 0): with ḡ_win its mean over the gain
        window, ḡ_last its mean over the window's last batch and ḡ_run its Cesàro mean over the whole run
        (never reset), ḡ_win > 0, ḡ_last ≥ ``grad_tol``·ḡ_win (it is not collapsing inside the window) and
