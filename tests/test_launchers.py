@@ -21,9 +21,10 @@ CASES = ["local_sgd_outer", "lsgd", "lsgd_multi", "lookahead_sync", "lookahead_l
 RUNS = [("popen", "pytorch_lightning"), ("spawn", "lightning"), ("fork", "pytorch_lightning"),
         ("torchrun", "lightning")]
 REFERENCE = RUNS[0]
-# spawn re-imports both ranks for every fit (the slowest row): it runs the cases whose objects hold state before
-# the launch (LSGD's score window, the monitors' generators and buffers), which is what spawn could share
-CASES_OF = {"spawn": ["local_sgd_outer", "lsgd", "lookahead_sync", "lookahead_local"]}
+# spawn re-imports both ranks for every fit (the slowest row): it runs the two cases whose objects hold state before
+# the launch (LSGD's score window; between them, all four monitors' generators and buffers), which is what spawn
+# could share between ranks
+CASES_OF = {"spawn": ["lsgd", "lookahead_sync"]}
 VOLATILE = re.compile(r"seconds|overhead|eval_bytes")  # wall-clock figures; bytes moved for checkpoint consensus
 
 
@@ -86,9 +87,9 @@ def test_lsgd_scores_are_each_ranks_own(runs):
 
 def test_stateful_callbacks_logged_under_every_launcher(runs):
     logged = {k for _, values in _load(runs(("spawn", "lightning")), "lsgd", 0)["logged"] for k in values}
-    assert any(k.startswith("noise/") for k in logged)
+    assert any(k.startswith("noise/") for k in logged) and any(k.startswith("time_avg/") for k in logged)
     logged = {k for _, values in _load(runs(("spawn", "lightning")), "lookahead_sync", 0)["logged"] for k in values}
-    assert any(k.startswith("curvature/") for k in logged)
+    assert any(k.startswith("curvature/") for k in logged) and "grad/norm" in logged
 
 
 def test_torchrun_checkpoint_mid_period_resumes_to_the_uninterrupted_run(runs):
