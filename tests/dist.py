@@ -20,7 +20,7 @@ from lightning_opt.testing import free_port
 
 TESTS = Path(__file__).parent
 SCRIPTS = TESTS / "scripts"
-__all__ = ["dist_env", "free_port", "run_command", "run_python", "run_ranks", "run_script"]
+__all__ = ["dist_env", "free_port", "run_command", "run_python", "run_quick", "run_ranks", "run_script"]
 
 
 def _with_tests_path(env: dict[str, str]) -> dict[str, str]:
@@ -99,3 +99,26 @@ def run_ranks(script: str, *args, world_size: int = 2, timeout: float = 180, ext
         return testing.run_ranks(SCRIPTS / script, *args, world_size=world_size, timeout=timeout, extra_env=extra,
                                  nodes=nodes)
     return testing.check_ranks(script, z.run(SCRIPTS / script, list(args), envs, timeout=timeout))
+
+
+REPRODUCTIONS = TESTS.parent / "examples" / "reproductions"
+
+
+def run_quick(script: str, out: Path, timeout: float = 240.0) -> dict:
+    """Run ``examples/reproductions/<script> --quick --out <out>`` (one torch thread, no rank variables inherited),
+    check it wrote one ``RESULT {json}`` line and its PNG under ``out``; return the summary."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    proc = run_python([sys.executable, REPRODUCTIONS / script, "--quick", "--out", out], cwd=TESTS.parent, env=env,
+                      timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["quick"] is True
+    png = Path(result["png"])
+    assert png.parent == out and png.name.startswith("repro_") and png.stat().st_size > 10_000
+    return result

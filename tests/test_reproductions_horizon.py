@@ -11,32 +11,14 @@ Lookahead's noise floor stays below SGD's even where (1 − α)γL(τ − 1) > 1
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
-from dist import run_python
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "examples" / "reproductions"
+from dist import run_quick
 
 
 def _run(script: str, tmp_path: Path, timeout: float = 180.0) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
-    proc = run_python([sys.executable, SCRIPTS / script, "--quick", "--out", tmp_path], cwd=ROOT, env=env,
-                      timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert len(lines) == 1, proc.stdout[-2000:]
-    result = json.loads(lines[0][len("RESULT ") :])
-    assert result["quick"] is True
-    png = Path(result["png"])
-    assert png.parent == tmp_path and png.name.startswith("repro_") and png.stat().st_size > 10_000
-    return result
+    return run_quick(script, tmp_path, timeout)
 
 
 @pytest.mark.timeout(200)

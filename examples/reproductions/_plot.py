@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "docs" / "img"
 
-__all__ = ["DEFAULT_OUT", "ROOT", "emit", "loglog_slope", "plt"]
+__all__ = ["DEFAULT_OUT", "ROOT", "emit", "loglog_slope", "plt", "script_args"]
 
 
 def loglog_slope(steps: Sequence[float], values: Sequence[float], k_min: float, k_max: float | None = None) -> float:
@@ -50,3 +53,20 @@ def emit(summary: dict[str, Any]) -> None:
     """Print ``summary`` as one JSON line prefixed by ``RESULT `` (non-finite floats become ``null``)."""
     text = json.dumps(_clean(summary), sort_keys=True)
     print("RESULT " + text, flush=True)
+
+
+def script_args(doc: str | None, quick_help: str) -> argparse.Namespace:
+    """The reproduction scripts' command line (``--quick``, ``--out`` directory, created) and quiet start: one torch
+    thread, Lightning's info logging and warnings off."""
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args

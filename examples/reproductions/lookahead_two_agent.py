@@ -37,15 +37,12 @@ import os
 # One thread: the box is a shared 2-core CPU, and a DDP-family strategy would otherwise set torch to cpu_count threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
-import logging
 import time
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from _plot import DEFAULT_OUT, emit, plt
+from _plot import emit, plt, script_args
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -279,15 +276,7 @@ def plot(fig1: dict, rows: dict, steps1: int, png: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer runs and steps (smoke test)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = script_args(__doc__, "fewer runs and steps (smoke test)")
     t0 = time.perf_counter()
     steps1, steps2 = (400, 400) if args.quick else (2000, 2000)
     alphas = (0.2, 0.8) if args.quick else FIG1_ALPHAS
