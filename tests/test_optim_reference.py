@@ -246,17 +246,17 @@ def acclip_step(x, m, ta, grads: Grads, hps: list[dict]) -> list[list[int]]:
     return counts
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_acclip_groups(path):
-    params, opt = _build(ACClip, ACCLIP_HPS, path)
+def _run_acclip(hps: list[dict], reference, path: str, **extra) -> None:
+    """Step ACClip and ``reference(x, m, second, grads, hps)`` side by side; compare parameters, ``exp_avg``,
+    ``tau_alpha`` and the clip fraction after every step; every group must see clipped and unclipped coordinates."""
+    params, opt = _build(ACClip, hps, path, **extra)
     x = _flat(params)
     m = [[[0.0] * len(t) for t in ts] for ts in x]
-    ta = [[[0.0] * len(t) for t in ts] for ts in x]
-    activity = [[0, 0] for _ in ACCLIP_HPS]
-    for t, grads in enumerate(_grads(len(ACCLIP_HPS))):
-        flat = _set_grads(params, grads)
+    second = [[[0.0] * len(t) for t in ts] for ts in x]
+    activity = [[0, 0] for _ in hps]
+    for t, grads in enumerate(_grads(len(hps))):
+        counts = reference(x, m, second, _set_grads(params, grads), hps)
         opt.step()
-        counts = acclip_step(x, m, ta, flat, ACCLIP_HPS)
         for gi, ps in enumerate(params):
             activity[gi] = [a + c for a, c in zip(activity[gi], counts[gi])]
             for ti, p in enumerate(ps):
@@ -264,10 +264,15 @@ def test_acclip_groups(path):
                 _close(p, x[gi][ti], where)
                 if _started(t, gi, ti):
                     _close(opt.state[p]["exp_avg"], m[gi][ti], where + " exp_avg")
-                    _close(opt.state[p]["tau_alpha"], ta[gi][ti], where + " tau_alpha")
+                    _close(opt.state[p]["tau_alpha"], second[gi][ti], where + " tau_alpha")
         clipped, total = sum(c for c, _ in counts), sum(c + u for c, u in counts)
         assert float(opt.last_stats["clip_fraction"]) == pytest.approx(clipped / total, rel=1e-6)
     assert all(c > 0 and u > 0 for c, u in activity), activity
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_acclip_groups(path):
+    _run_acclip(ACCLIP_HPS, acclip_step, path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -429,25 +434,7 @@ def acclip_adaptive_step(x, m, v, grads: Grads, hps: list[dict]) -> list[list[in
 
 @pytest.mark.parametrize("path", PATHS)
 def test_acclip_adaptive_groups(path):
-    params, opt = _build(ACClip, ADAPTIVE_HPS, path, adaptive=True)
-    x = _flat(params)
-    m = [[[0.0] * len(t) for t in ts] for ts in x]
-    v = [[[0.0] * len(t) for t in ts] for ts in x]
-    activity = [[0, 0] for _ in ADAPTIVE_HPS]
-    for t, grads in enumerate(_grads(len(ADAPTIVE_HPS))):
-        counts = acclip_adaptive_step(x, m, v, _set_grads(params, grads), ADAPTIVE_HPS)
-        opt.step()
-        for gi, ps in enumerate(params):
-            activity[gi] = [a + c for a, c in zip(activity[gi], counts[gi])]
-            for ti, p in enumerate(ps):
-                where = f"step {t} group {gi} param {ti}"
-                _close(p, x[gi][ti], where)
-                if _started(t, gi, ti):
-                    _close(opt.state[p]["exp_avg"], m[gi][ti], where + " exp_avg")
-                    _close(opt.state[p]["tau_alpha"], v[gi][ti], where + " second moment")
-        clipped, total = sum(c for c, _ in counts), sum(c + u for c, u in counts)
-        assert float(opt.last_stats["clip_fraction"]) == pytest.approx(clipped / total, rel=1e-6)
-    assert all(c > 0 and u > 0 for c, u in activity), activity
+    _run_acclip(ADAPTIVE_HPS, acclip_adaptive_step, path, adaptive=True)
 
 
 def test_acclip_adaptive_step_against_rmsprop():
