@@ -135,6 +135,18 @@ def test_notebook_kernel_with_fork(strategy):
     assert "STATUS TrainerStatus.FINISHED MOVED True" in out
 
 
+def test_a_one_process_fit_leaves_nothing_that_stops_a_two_process_fit_after_it():
+    """A script (a sweep, a benchmark) that fits on one process and then on two: the one-process fit used to leave
+    LOCAL_RANK / NODE_RANK / MASTER_* / OMP_NUM_THREADS and its gloo group behind, so the two-process fit started no
+    rank (LOCAL_RANK made the process look externally launched) or forked ranks that hung in OpenMP."""
+    script = NOTEBOOK.replace('sys.ps1 = ">>> "', "pass").replace("{strategy}", "local_sgd_notebook").replace(
+        "net = Net()\n", 'L.Trainer(accelerator="cpu", devices=1, strategy="lookahead", max_steps=2, logger=False, '
+        'enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(Net())\nnet = Net()\n')
+    assert 'strategy="lookahead"' in script
+    out = run_command([sys.executable, "-c", script], timeout=120).stdout
+    assert "STATUS TrainerStatus.FINISHED MOVED True" in out
+
+
 README_EXAMPLE = re.compile(r"```python\n(import lightning as L\n.*?)```", re.S)
 
 

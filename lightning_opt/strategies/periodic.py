@@ -17,6 +17,7 @@ optimizer) it calls the subclass's :meth:`_sync`. The base also provides
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import time
 import warnings
@@ -54,6 +55,10 @@ _CKPT_KEY = "lightning_opt"
 #: Collective timeout (seconds) unless given: long enough for a sync of a large model over a slow link, short
 #: enough that a dead or stuck rank reads as an error ("Timed out waiting 600000ms ...") rather than a hang.
 DEFAULT_TIMEOUT = 600.0
+
+
+#: What Lightning's launcher writes into the main process's environment.
+_LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 
 
 class PeriodicSyncStrategy(RankLocal, DDPStrategy):
@@ -107,8 +112,17 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         self._buffer_rules = BufferRules()
 
     # ------------------------------------------------------------------ setup
+    def _configure_launcher(self) -> None:
+        self._env_before_launch = {k: os.environ.get(k) for k in _LAUNCH_VARIABLES}
+        super()._configure_launcher()
+
     def setup_environment(self) -> None:
+        fresh = not (dist.is_available() and dist.is_initialized())
         super().setup_environment()
+        # A one-process fit leaves its group and the launcher's LOCAL_RANK / NODE_RANK / MASTER_* behind. A later
+        # fit in the same process with devices=2 (a notebook, a sweep script) would then take the process for an
+        # externally launched rank, start no other rank and wait for it forever: both are undone at teardown.
+        self._owns_group = fresh and self.world_size == 1 and dist.is_initialized()
         release_at_exit()  # gloo groups alive at interpreter exit can abort the process (see lifecycle.py)
         started_by_lightning = (multiprocessing.parent_process() is not None  # spawn / fork: every rank
                                 or (self.local_rank > 0  # popen: local rank 0 re-ran the script for this rank
@@ -139,6 +153,12 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
             summer.remove()
         self._grad_sums.clear()
         super().teardown()
+        if getattr(self, "_owns_group", False) and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+            for key, value in getattr(self, "_env_before_launch", {}).items():
+                if value is None:
+                    os.environ.pop(key, None)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
