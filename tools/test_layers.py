@@ -19,7 +19,8 @@ from pathlib import Path
 
 LAYERS = ("validation", "unit", "threaded", "multi-process", "subprocess")
 MARKERS = {"run_threaded": "threaded", "run_ranks": "multi-process", "run_python": "subprocess",
-           "run_script": "subprocess", "run_command": "subprocess", "Popen": "subprocess", "check_output": "subprocess"}
+           "run_script": "subprocess", "run_quick": "subprocess", "run_command": "subprocess", "Popen": "subprocess",
+           "check_output": "subprocess"}
 VALIDATION_FILES = {"test_bad_inputs.py", "test_optim_validation.py"}
 
 
