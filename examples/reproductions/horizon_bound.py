@@ -147,16 +147,7 @@ def fit(method: str, alpha: float, tau: int, steps: int, seed: int = 0) -> list[
             num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         )  # fmt: skip
         trainer.fit(model)
-        release_process_group()
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(devices)]
-
-
-def release_process_group() -> None:
-    """A ``devices=1`` fit leaves its gloo group (and its rendezvous port) alive in this process; a later fork-launched
-    fit would rendezvous with it and hang. Destroy it and let the next fit pick a fresh port."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.pop("MASTER_PORT", None)
 
 
 def sync_terms(ranks: list[dict[str, Tensor]], tau: int, alpha: float, lookahead: bool) -> dict[str, Tensor]:

@@ -110,6 +110,8 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
         self._stash: list[Tensor] | None = None
         self._grad_sums: dict[int, OverlappedGradSum] = {}
         self._buffer_rules = BufferRules()
+        self._env_before_launch: dict[str, str | None] = {}  # the launch variables as they were (see teardown)
+        self._owns_group = False
 
     # ------------------------------------------------------------------ setup
     def _configure_launcher(self) -> None:
@@ -119,9 +121,9 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
     def setup_environment(self) -> None:
         fresh = not (dist.is_available() and dist.is_initialized())
         super().setup_environment()
-        # A one-process fit leaves its group and the launcher's LOCAL_RANK / NODE_RANK / MASTER_* behind. A later
-        # fit in the same process with devices=2 (a notebook, a sweep script) would then take the process for an
-        # externally launched rank, start no other rank and wait for it forever: both are undone at teardown.
+        # A one-process fit leaves its group and the launcher's LOCAL_RANK / NODE_RANK / MASTER_* / OMP_NUM_THREADS
+        # behind. A later two-process fit in the same script would then take the process for an externally launched
+        # rank and start no other rank, or fork ranks that hang in OpenMP: both are undone at teardown.
         self._owns_group = fresh and self.world_size == 1 and dist.is_initialized()
         release_at_exit()  # gloo groups alive at interpreter exit can abort the process (see lifecycle.py)
         started_by_lightning = (multiprocessing.parent_process() is not None  # spawn / fork: every rank
@@ -153,10 +155,10 @@ class PeriodicSyncStrategy(RankLocal, DDPStrategy):
             summer.remove()
         self._grad_sums.clear()
         super().teardown()
-        if getattr(self, "_owns_group", False) and dist.is_initialized():
+        if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
-            for key, value in getattr(self, "_env_before_launch", {}).items():
+            for key, value in self._env_before_launch.items():
                 if value is None:
                     os.environ.pop(key, None)
 
