@@ -28,14 +28,12 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _plot import DEFAULT_OUT, emit, plt
+from _plot import emit, plt, script_args
 from torch import nn
 
 from lightning_opt.examples.data import load_digits_tensors
@@ -139,12 +137,7 @@ def during_training(width: int, epochs: int, x: torch.Tensor, y: torch.Tensor, x
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = script_args(__doc__, "tiny run for the smoke test")
     t0 = time.perf_counter()
     quick = args.quick
     widths = [32, 128] if quick else [32, 64, 128, 256, 512]

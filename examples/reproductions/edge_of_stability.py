@@ -41,18 +41,15 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
-import logging
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from _plot import DEFAULT_OUT, emit, plt
+from _plot import emit, plt, script_args
 from pytorch_lightning.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -259,14 +256,7 @@ def report(s: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2/η = 20 only, 650 steps (smoke test)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = script_args(__doc__, "2/η = 20 only, 650 steps (smoke test)")
     cfg = QUICK if args.quick else FULL
     t0, cpu0 = time.perf_counter(), time.process_time()
     x, y = digits_subset(cfg.n_samples)
