@@ -8,6 +8,7 @@ behaves like a fresh interpreter, else started afresh; ``fresh=True`` (tests abo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,8 +108,6 @@ REPRODUCTIONS = TESTS.parent / "examples" / "reproductions"
 def run_quick(script: str, out: Path, timeout: float = 240.0) -> dict:
     """Run ``examples/reproductions/<script> --quick --out <out>`` (one torch thread, no rank variables inherited),
     check it wrote one ``RESULT {json}`` line and its PNG under ``out``; return the summary."""
-    import json
-
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
