@@ -26,9 +26,12 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
+# Two pytest workers, each taking whole files (module fixtures stay shared): most of a multi-rank test is process
+# start-up and waiting on collectives, so two workers on two cores halve the wall time (docs/TESTING.md).
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --timeout=300 -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q --timeout=300 -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""Lightning's own step numbering for what we publish, read from the trainer (never imports Lightning).
+"""Publishing scalars at Lightning's own step numbering, read from the trainer (never imports Lightning).
 
 Lightning logs the metrics of training batch ``k`` (counting batches that stepped an optimizer, from 0) at step
 ``k``, on batches where ``(k + 1) % log_every_n_steps == 0``. Everything lightning-opt logs uses the same step and
@@ -7,7 +7,10 @@ cadence, so a TensorBoard chart of ``comm/bytes`` or ``curvature/lambda_max`` li
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 
 def logging_step(trainer: Any) -> int:
@@ -23,3 +26,16 @@ def logs_this_step(trainer: Any) -> bool:
     """Whether Lightning writes this training batch's metrics to the loggers (``log_every_n_steps`` cadence)."""
     every = int(getattr(trainer, "log_every_n_steps", 50) or 0)
     return every > 0 and (logging_step(trainer) + 1) % every == 0
+
+
+def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """The one way lightning-opt publishes scalars: into ``trainer.callback_metrics`` (0-d tensors, on every rank
+    that calls this, so ``ModelCheckpoint`` / ``EarlyStopping`` can monitor them) and, on global rank 0, to every
+    logger at ``step`` (default: :func:`logging_step`), whatever ``log_every_n_steps`` says."""
+    for key, value in metrics.items():
+        trainer.callback_metrics[key] = torch.tensor(float(value))
+    if trainer.global_rank != 0 or not metrics:
+        return
+    step = logging_step(trainer) if step is None else step
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)

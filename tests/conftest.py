@@ -36,3 +36,14 @@ class Flavour:
 def flavour(request) -> Flavour:
     """Run the test once per Lightning package (``pytorch_lightning`` and ``lightning.pytorch``)."""
     return Flavour(request.param)
+
+
+# Files measured slowest (seconds of a serial run, docs/TESTING.md "Time"): collected first so that `make test`'s
+# workers (pytest-xdist, whole files each) start them early instead of ending the run on one of them.
+_SLOW_FIRST = ("test_launchers.py", "test_local_sgd.py", "test_nonfinite.py", "test_reproductions_a.py",
+               "test_reliability.py", "test_sharpness_monitor.py", "test_reproductions_c.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

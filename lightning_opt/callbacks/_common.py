@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
+
+from lightning_opt._trainer_steps import log_scalars  # noqa: F401  (re-exported for the callbacks)
 
 # ----------------------------------------------------------------------------------------------- validation
 
@@ -70,17 +72,6 @@ def check_bool(owner: str, name: str, value: Any) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------- logging
-
-
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
-    """Write scalars to every logger (global rank 0 only) at ``step``, independent of ``log_every_n_steps``,
-    and expose them in ``trainer.callback_metrics`` (as 0-d tensors) on every rank that calls this."""
-    for key, value in metrics.items():
-        trainer.callback_metrics[key] = torch.tensor(float(value))
-    if trainer.global_rank != 0 or not metrics:
-        return
-    for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=step)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_opt._tensors import accumulation_dtype, flatten
+
 DEFAULT_BUCKET_CAP_MB = 25.0
 
 
@@ -68,12 +70,6 @@ def bucket_indices(tensors: Sequence[Tensor], cap_bytes: int) -> list[list[int]]
     return done
 
 
-def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """Concatenate tensors into one 1-D buffer (optionally cast)."""
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    return flat if dtype is None else flat.to(dtype)
-
-
 @torch.no_grad()
 def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
     """Copy consecutive slices of ``flat`` back into ``tensors`` (casting to each tensor's dtype)."""
@@ -112,8 +108,7 @@ def all_reduce_flat(
     buckets are summed in fp32 (a sum over many ranks overflows fp16 and loses bf16 precision)."""
     out = []
     for idx in bucket_indices(tensors, int(cap_mb * 2**20)):
-        half = tensors[idx[0]].dtype in (torch.float16, torch.bfloat16)
-        flat = flatten([tensors[i] for i in idx], dtype=torch.float32 if half else None)
+        flat = flatten([tensors[i] for i in idx], dtype=accumulation_dtype(tensors[idx[0]].dtype))
         timed_all_reduce(flat, meter, group)
         out.append((idx, flat))
     return out

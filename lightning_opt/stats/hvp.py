@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_opt._tensors import flatten
+
 __all__ = ["HessianVectorProduct", "flat_to_tensors", "flatten_tensors", "trainable_named_parameters"]
 
 _METHODS = ("double_backward", "func")
@@ -45,10 +47,7 @@ def trainable_named_parameters(module: nn.Module) -> list[tuple[str, nn.Paramete
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
-def flatten_tensors(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """One 1-D detached vector from ``tensors`` (optionally cast)."""
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    return flat if dtype is None else flat.to(dtype)
+flatten_tensors = flatten  # the name this module has always exported
 
 
 def flat_to_tensors(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

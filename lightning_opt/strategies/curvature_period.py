@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_opt.strategies._validate import check_float, check_int
+from lightning_opt._validation import check_float, check_int
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 CURVATURE_ATTR = "lightning_opt_curvature"

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import check_float
 from lightning_opt.distributed import all_finite, is_dist, write_back
-from lightning_opt.strategies._validate import check_float
 from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import check_bool, check_float
 from lightning_opt.distributed import is_dist
-from lightning_opt.strategies._validate import check_bool, check_float
 from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 

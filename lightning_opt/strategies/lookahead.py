@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import check_choice, check_float
 from lightning_opt.distributed import all_finite, broadcast_flat, is_dist, nonfinite_ranks
-from lightning_opt.strategies._validate import check_choice, check_float
 from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
 from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_opt._validation import check_choice, check_float, check_int
 from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
-from lightning_opt.strategies._validate import check_choice, check_float, check_int
 from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule

@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 
 from lightning_opt._ownership import RankLocal
 from lightning_opt._trainer_steps import logging_step, logs_this_step
+from lightning_opt._validation import as_timeout, check_bool, check_choice, check_float, check_int
 from lightning_opt.distributed import (
     CommMeter,
     all_reduce_flat,
@@ -47,7 +48,6 @@ from lightning_opt.distributed import (
 from lightning_opt.distributed.buffers import BufferRules
 from lightning_opt.distributed.lifecycle import die_with_parent, release_at_exit
 from lightning_opt.distributed.overlap import OverlappedGradSum
-from lightning_opt.strategies._validate import as_timeout, check_bool, check_choice, check_float, check_int
 from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.schedules import PeriodSchedule, as_schedule
 

@@ -1,0 +1,25 @@
+"""Tensor helpers shared by every pure-torch layer (optim, stats, distributed): one spelling each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["LOW_PRECISION", "accumulation_dtype", "flatten"]
+
+#: dtypes whose sums and running statistics are accumulated in float32
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to accumulate ``dtype`` values in: float32 for half precision (whose 8- or 11-bit mantissa loses
+    small increments), else ``dtype`` itself."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """One detached 1-D vector from ``tensors`` (optionally cast to ``dtype``)."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    return flat if dtype is None else flat.to(dtype)
