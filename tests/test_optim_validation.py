@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_opt.optim._common import NonFiniteGradientError
+from lightning_opt.optim import NonFiniteGradientError
 from lightning_opt.optim.acclip import ACClip
 from lightning_opt.optim.clipped_sgd import ClippedSGD
 from lightning_opt.optim.ingd import StochasticINGD
@@ -113,3 +113,53 @@ def test_overflowing_norm_counts_as_nonfinite():
         opt.step()
     assert opt.nonfinite_steps == 1
     assert torch.equal(p.detach(), torch.zeros(2))
+
+
+def test_nonfinite_warning_points_at_the_caller():
+    for cls, kwargs in ALL:
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = cls([p], **kwargs)
+        p.grad = torch.full((2,), float("nan"))
+        with pytest.warns(RuntimeWarning, match="non-finite gradient") as record:
+            opt.step()
+        assert record[0].filename == __file__, (cls.__name__, record[0].filename)
+
+
+def test_tensor_lr_and_numpy_integer_seed_are_accepted():
+    p = torch.nn.Parameter(torch.zeros(2))
+    for cls, kwargs in ALL:  # a one-element tensor lr, as torch.optim accepts
+        cls([p], **{**kwargs, "lr": torch.tensor(0.05)})
+    with pytest.raises(ValueError, match=re.escape("ClippedSGD: invalid lr=tensor(nan)")):
+        ClippedSGD([p], lr=torch.tensor(float("nan")))
+    np = pytest.importorskip("numpy")
+    opt = StochasticINGD([p], seed=np.int64(7))
+    assert opt._generator.initial_seed() == 7
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_functional_cores_take_no_scratch(foreach):
+    """The public functional cores run without the optimizer's scratch buffers and equal the optimizer's step."""
+    from lightning_opt.optim.acclip import acclip_adaptive
+    from lightning_opt.optim.clipped_sgd import cclip_momentum
+
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(5, generator=gen), torch.randn(5, generator=gen) * 3
+    p = torch.nn.Parameter(x.clone())
+    opt = ClippedSGD([p], lr=0.1, max_norm=0.5, momentum=0.7, scope="coordinate", clip="momentum", foreach=foreach)
+    p.grad = g.clone()
+    opt.step()
+    y, buf = x.clone(), torch.zeros(5)
+    cclip_momentum([y], [g], [buf], None, 0.5, lr=0.1, weight_decay=0.0, momentum=0.7, nesterov=False,
+                   foreach=foreach)
+    assert torch.equal(y, p.detach()) and torch.equal(buf, opt.state[p]["momentum_buffer"])
+
+    q = torch.nn.Parameter(x.clone())
+    opt = ACClip([q], lr=0.1, adaptive=True, foreach=foreach)
+    for _ in range(2):
+        q.grad = g.clone()
+        opt.step()
+    z, m, v = x.clone(), torch.zeros(5), torch.zeros(5)
+    for _ in range(2):
+        acclip_adaptive([z], [g], [m], [v], None, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-5, weight_decay=1e-5,
+                        foreach=foreach)
+    assert torch.equal(z, q.detach()) and torch.equal(m, opt.state[q]["exp_avg"])

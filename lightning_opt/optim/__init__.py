@@ -1,6 +1,6 @@
 """Optimizers (pure torch): clipped SGD (GClip / CClip), normalised SGD, ACClip, Stochastic INGD."""
 
-from lightning_opt.optim._common import NonFiniteGradientError
+from lightning_opt.optim._base import NonFiniteGradientError
 from lightning_opt.optim.acclip import ACClip
 from lightning_opt.optim.clipped_sgd import ClippedSGD
 from lightning_opt.optim.ingd import StochasticINGD

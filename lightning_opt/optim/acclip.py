@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_opt.optim._common import (
-    ClipOptimizerBase,
-    buckets,
-    check_beta,
-    check_bool,
-    check_interval,
-    check_positive,
-    pick,
-    state_dtype,
-    total_norm,
-    working_copies,
-    write_back,
-)
+from lightning_opt._validation import check_bool, check_float
+from lightning_opt.optim._base import ClipOptimizerBase, GroupGrads, Stats, zeros_state
+from lightning_opt.optim._tensor_lists import by_device_and_dtype, scratch_or_new, state_precision
 
 __all__ = ["ACClip", "acclip_adaptive"]
-
-
-def _abs_pow(t: Tensor, alpha: float) -> Tensor:
-    """|t|^alpha (a new tensor); the per-tensor path's spelling of what the foreach path does in place."""
-    return t * t if alpha == 2.0 else t.abs().pow_(alpha)
-
-
-def _root(ts: list[Tensor], alpha: float, foreach: bool) -> list[Tensor]:
-    """t^(1/alpha); the input itself when alpha == 1."""
-    if alpha == 1.0:
-        return ts
-    if foreach:
-        return torch._foreach_sqrt(ts) if alpha == 2.0 else torch._foreach_pow(ts, 1.0 / alpha)
-    return [t.sqrt() if alpha == 2.0 else t.pow(1.0 / alpha) for t in ts]
 
 
 class ACClip(ClipOptimizerBase):
@@ -105,149 +81,147 @@ class ACClip(ClipOptimizerBase):
     """
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        alpha: float | None = None,
-        eps: float = 1e-5,
-        weight_decay: float = 1e-5,
-        *,
-        adaptive: bool = False,
-        maximize: bool = False,
-        foreach: bool | None = None,
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99), alpha: float | None = None, eps: float = 1e-5,
+        weight_decay: float = 1e-5, *, adaptive: bool = False, maximize: bool = False, foreach: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
-        self.adaptive = bool(check_bool("ACClip", "adaptive", adaptive))
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            alpha=(2.0 if adaptive else 1.0) if alpha is None else alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            foreach=foreach,
-        )
+        self.adaptive = bool(check_bool("adaptive", adaptive, owner=type(self).__name__))
+        alpha = (2.0 if adaptive else 1.0) if alpha is None else alpha  # §7.2.1 uses the second moment
+        defaults = dict(lr=lr, betas=betas, alpha=alpha, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach)
         super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
+    def _validate_hyper(self, owner: str, group: dict[str, Any]) -> None:
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{name}: invalid betas={betas!r}; expected a pair (beta1, beta2) in [0, 1)")
-        check_beta(name, "betas[0]", betas[0])
-        check_beta(name, "betas[1]", betas[1])
-        check_interval(name, "alpha", group["alpha"], 0.0, 2.0, low_open=True, high_open=False)
+            raise ValueError(f"{owner}: invalid betas={betas!r}; expected a pair (beta1, beta2), each in [0, 1)")
+        for i, beta in enumerate(betas):
+            check_float(f"betas[{i}]", beta, 0.0, 1.0, high_open=True, owner=owner)
+        check_float("alpha", group["alpha"], 0.0, 2.0, low_open=True, owner=owner)
         if self.adaptive and group["alpha"] != 2.0:
-            raise ValueError(f"{name}: invalid alpha={group['alpha']!r} with adaptive=True; the adaptive step uses "
-                             "the second moment (accepted: alpha=2 or None)")
-        check_positive(name, "eps", group["eps"])
+            raise ValueError(f"{owner}: invalid alpha={group['alpha']!r} with adaptive=True; expected alpha=2 or None "
+                             "(the adaptive step uses the second moment)")
+        check_float("eps", group["eps"], 0.0, low_open=True, owner=owner)
 
-    def _states(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        ms, ts = [], []
-        for p in params:
-            st = self.state[p]
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
-                st["tau_alpha"] = torch.zeros_like(
-                    p, dtype=state_dtype(p), memory_format=torch.preserve_format
-                )
-            ms.append(st["exp_avg"])
-            ts.append(st["tau_alpha"])
-        return ms, ts
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one optimisation step (see the class docstring); returns the closure's loss, if any."""
-        loss = self._closure_loss(closure)
-        collected = [self._collect(group) for group in self.param_groups]
-        norm = total_norm(
-            (grads, self._foreach(group))
-            for group, (_, grads) in zip(self.param_groups, collected, strict=True)
-        )
-        if norm is None or self._check_finite(norm) is None:
-            return loss
-        device = norm.device
+    def _update(self, batches: list[GroupGrads], norm: Tensor, norm_value: float) -> Stats:
         unclipped: list[Tensor] = []  # per tensor: number of coordinates with clip factor == 1
         numel = 0
-        for group, (params, grads) in zip(self.param_groups, collected, strict=True):
-            if not params:
-                continue
-            foreach = self._foreach(group)
-            lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-            beta1, beta2 = (float(b) for b in group["betas"])
-            alpha = float(group["alpha"])
-            exp_avgs, tau_alphas = self._states(params)
-            numel += sum(g.numel() for g in grads)
+        for b in batches:
+            group = b.group
+            exp_avgs, moments = zeros_state(self.state, b.params, "exp_avg", "tau_alpha")
+            beta1, beta2 = (float(beta) for beta in group["betas"])
+            hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                         weight_decay=float(group["weight_decay"]), foreach=b.foreach)
+            scratch = self._scratch(b.params) if b.foreach else None
             if self.adaptive:
-                unclipped.extend(c.to(device) for c in acclip_adaptive(
-                    params, grads, exp_avgs, tau_alphas, self._scratch(params), lr=lr, beta1=beta1, beta2=beta2,
-                    eps=eps, weight_decay=wd, foreach=foreach))
-                continue
-            if not foreach:
-                for p, g, m, ta in zip(params, grads, exp_avgs, tau_alphas, strict=True):
-                    m.lerp_(g, 1.0 - beta1)
-                    ta.lerp_(_abs_pow(g, alpha), 1.0 - beta2)
-                    tau = _root([ta], alpha, False)[0]
-                    ratio = (tau / (m.abs() + eps)).clamp_(max=1.0)
-                    unclipped.append((ratio == 1.0).sum().to(device))
-                    w = working_copies([p])[0]
-                    if wd != 0:
-                        w.mul_(1.0 - lr * wd)
-                    w.addcmul_(ratio, m, value=-lr)
-                    write_back([p], [w], foreach=False)
-                continue
-            scratch = self._scratch(params)
-            for idx in buckets(params):
-                ps, gs, ss = pick(params, idx), pick(grads, idx), pick(scratch, idx)
-                ms, tas = pick(exp_avgs, idx), pick(tau_alphas, idx)
-                torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-                torch._foreach_copy_(ss, gs)  # |g|^alpha, in the scratch buffer
-                torch._foreach_abs_(ss)
-                if alpha == 2.0:
-                    torch._foreach_mul_(ss, ss)
-                elif alpha != 1.0:
-                    torch._foreach_pow_(ss, alpha)
-                torch._foreach_lerp_(tas, ss, 1.0 - beta2)
-                # r = (|m| + eps) / tau clamped below at 1: g_hat = m / r = min{tau / (|m| + eps), 1} m
-                torch._foreach_copy_(ss, ms)
-                torch._foreach_abs_(ss)
-                torch._foreach_add_(ss, eps)
-                torch._foreach_div_(ss, _root(tas, alpha, True))
-                torch._foreach_clamp_min_(ss, 1.0)
-                ws = working_copies(ps)
-                if wd != 0:
-                    torch._foreach_mul_(ws, 1.0 - lr * wd)
-                torch._foreach_addcdiv_(ws, ms, ss, value=-lr)
-                write_back(ps, ws, foreach=True)
-                # 1 / r is in [0, 1]; its floor is 1 exactly where the coordinate is not clipped
-                torch._foreach_reciprocal_(ss)
-                torch._foreach_floor_(ss)
-                unclipped.extend(n.to(device) for n in torch._foreach_norm(ss, 1))
-        norm = norm.detach()
+                counts = acclip_adaptive(b.params, b.grads, exp_avgs, moments, scratch, **hyper)
+            else:
+                counts = acclip(b.params, b.grads, exp_avgs, moments, scratch, alpha=float(group["alpha"]), **hyper)
+            unclipped.extend(c.to(norm.device) for c in counts)
+            numel += sum(g.numel() for g in b.grads)
 
-        def build() -> dict[str, Tensor]:  # lazily, on the device, no host sync
-            kept = torch.stack(unclipped).sum().float() if unclipped else torch.zeros((), device=device)
-            return {
-                "grad_norm": norm,
-                "clip_fraction": 1.0 - kept / max(numel, 1),
-                "skipped": torch.zeros((), device=device),
-            }
+        def entries() -> dict[str, Tensor]:
+            kept = torch.stack(unclipped).sum().float() if unclipped else torch.zeros((), device=norm.device)
+            return {"clip_fraction": 1.0 - kept / max(numel, 1)}
 
-        self._set_stats(build)
-        self._steps += 1
-        return loss
+        return entries
+
+
+def acclip(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], tau_alphas: list[Tensor],
+           scratch: list[Tensor] | None, *, lr: float, beta1: float, beta2: float, alpha: float, eps: float,
+           weight_decay: float, foreach: bool) -> list[Tensor]:
+    """Thesis §4.5 Alg. 1 per coordinate (lines 3-6): m ← β₁m + (1 − β₁)g, τ^α ← β₂τ^α + (1 − β₂)|g|^α,
+    x ← (1 − ηλ)x − η min{τ/(|m| + ε), 1} m. ``scratch`` (foreach path) holds |g|^α, then the clip divisor.
+    Returns the number of unclipped coordinates per tensor."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, alpha=alpha, eps=eps, weight_decay=weight_decay)
+    if foreach:
+        return _acclip_foreach(params, grads, exp_avgs, tau_alphas, scratch_or_new(scratch, grads), **hyper)
+    return _acclip_single(params, grads, exp_avgs, tau_alphas, **hyper)
+
+
+def _acclip_single(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], tau_alphas: list[Tensor], *,
+                   lr: float, beta1: float, beta2: float, alpha: float, eps: float,
+                   weight_decay: float) -> list[Tensor]:
+    unclipped: list[Tensor] = []
+    for p, g, m, ta in zip(params, grads, exp_avgs, tau_alphas, strict=True):
+        m.lerp_(g, 1.0 - beta1)
+        ta.lerp_(g * g if alpha == 2.0 else g.abs().pow_(alpha), 1.0 - beta2)
+        tau = ta if alpha == 1.0 else ta.sqrt() if alpha == 2.0 else ta.pow(1.0 / alpha)
+        factor = (tau / (m.abs() + eps)).clamp_(max=1.0)
+        unclipped.append((factor == 1.0).sum())
+        with state_precision([p], foreach=False) as (x,):
+            if weight_decay != 0:
+                x.mul_(1.0 - lr * weight_decay)
+            x.addcmul_(factor, m, value=-lr)
+    return unclipped
+
+
+def _acclip_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], tau_alphas: list[Tensor],
+                    scratch: list[Tensor], *, lr: float, beta1: float, beta2: float, alpha: float, eps: float,
+                    weight_decay: float) -> list[Tensor]:
+    unclipped: list[Tensor] = []
+    for ps, gs, ss, ms, tas in by_device_and_dtype(params, grads, scratch, exp_avgs, tau_alphas):
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_copy_(ss, gs)  # |g|^alpha, in the scratch buffer
+        torch._foreach_abs_(ss)
+        if alpha == 2.0:
+            torch._foreach_mul_(ss, ss)
+        elif alpha != 1.0:
+            torch._foreach_pow_(ss, alpha)
+        torch._foreach_lerp_(tas, ss, 1.0 - beta2)
+        # r = (|m| + eps) / tau clamped below at 1: g_hat = m / r = min{tau / (|m| + eps), 1} m
+        taus = tas if alpha == 1.0 else torch._foreach_sqrt(tas) if alpha == 2.0 else torch._foreach_pow(
+            tas, 1.0 / alpha)
+        torch._foreach_copy_(ss, ms)
+        torch._foreach_abs_(ss)
+        torch._foreach_add_(ss, eps)
+        torch._foreach_div_(ss, taus)
+        torch._foreach_clamp_min_(ss, 1.0)
+        with state_precision(ps, foreach=True) as xs:
+            if weight_decay != 0:
+                torch._foreach_mul_(xs, 1.0 - lr * weight_decay)
+            torch._foreach_addcdiv_(xs, ms, ss, value=-lr)
+        # 1 / r is in [0, 1]; its floor is 1 exactly where the coordinate is not clipped
+        torch._foreach_reciprocal_(ss)
+        torch._foreach_floor_(ss)
+        unclipped.extend(torch._foreach_norm(ss, 1))
+    return unclipped
 
 
 def acclip_adaptive(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], sq_avgs: list[Tensor],
-                    scratch: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    foreach: bool) -> list[Tensor]:
+                    scratch: list[Tensor] | None, *, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, foreach: bool) -> list[Tensor]:
     """Thesis §7.2.1 per coordinate: d = ε + √(β₂ v), m ← β₁m + (1 − β₁)g,
-    x ← (1 − ηλ)x − (2η/d)·clamp(m, −d/√(1 − β₂), d/√(1 − β₂)), then v ← β₂v + (1 − β₂)g². Returns the number of
-    unclipped coordinates per tensor."""
+    x ← (1 − ηλ)x − (2η/d)·clamp(m, −d/√(1 − β₂), d/√(1 − β₂)), then v ← β₂v + (1 − β₂)g². ``scratch`` (foreach
+    path) holds d. Returns the number of unclipped coordinates per tensor."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if foreach:
+        return _acclip_adaptive_foreach(params, grads, exp_avgs, sq_avgs, scratch_or_new(scratch, grads), **hyper)
+    return _acclip_adaptive_single(params, grads, exp_avgs, sq_avgs, **hyper)
+
+
+def _acclip_adaptive_single(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], sq_avgs: list[Tensor],
+                            *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> list[Tensor]:
     unclipped: list[Tensor] = []
-    groups = buckets(params) if foreach else [[i] for i in range(len(params))]
-    for idx in groups:
-        ps, gs, ms, vs, ds = (pick(t, idx) for t in (params, grads, exp_avgs, sq_avgs, scratch))
+    for p, g, m, v in zip(params, grads, exp_avgs, sq_avgs, strict=True):
+        m.lerp_(g, 1.0 - beta1)
+        d = (v * beta2).sqrt_().add_(eps)  # from v before this step's gradient
+        tau = d / math.sqrt(1.0 - beta2)
+        unclipped.append((m.abs() <= tau).sum())
+        with state_precision([p], foreach=False) as (x,):
+            if weight_decay != 0:
+                x.mul_(1.0 - lr * weight_decay)
+            x.addcdiv_(m.clamp(-tau, tau), d, value=-2.0 * lr)
+        v.lerp_(g * g, 1.0 - beta2)
+    return unclipped
+
+
+def _acclip_adaptive_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                             sq_avgs: list[Tensor], scratch: list[Tensor], *, lr: float, beta1: float, beta2: float,
+                             eps: float, weight_decay: float) -> list[Tensor]:
+    unclipped: list[Tensor] = []
+    for ps, gs, ms, vs, ds in by_device_and_dtype(params, grads, exp_avgs, sq_avgs, scratch):
         torch._foreach_lerp_(ms, gs, 1.0 - beta1)
         torch._foreach_copy_(ds, vs)  # d = eps + sqrt(beta2 v), from v before this step's gradient
         torch._foreach_mul_(ds, beta2)
@@ -257,10 +231,9 @@ def acclip_adaptive(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
         steps = torch._foreach_minimum(ms, taus)
         torch._foreach_maximum_(steps, torch._foreach_neg(taus))
         unclipped.extend((m.abs() <= t).sum() for m, t in zip(ms, taus, strict=True))
-        ws = working_copies(ps)
-        if weight_decay != 0:
-            torch._foreach_mul_(ws, 1.0 - lr * weight_decay)
-        torch._foreach_addcdiv_(ws, steps, ds, value=-2.0 * lr)
-        write_back(ps, ws, foreach=foreach)
+        with state_precision(ps, foreach=True) as xs:
+            if weight_decay != 0:
+                torch._foreach_mul_(xs, 1.0 - lr * weight_decay)
+            torch._foreach_addcdiv_(xs, steps, ds, value=-2.0 * lr)
         torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
     return unclipped

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_opt.optim._common import (
-    ClipOptimizerBase,
-    buckets,
-    check_choice,
-    check_momentum,
-    check_positive,
-    pick,
-    scaled_norm,
-    sgd_update,
-    state_dtype,
-    total_norm,
-    working_copies,
-    write_back,
-)
+from lightning_opt._validation import check_choice, check_float
+from lightning_opt.optim._base import ClipOptimizerBase, GroupGrads, Stats
+from lightning_opt.optim._sgd import check_momentum, scaled_norm, sgd_state, sgd_update
+from lightning_opt.optim._tensor_lists import by_device_and_dtype, scratch_or_new, state_precision
 
 __all__ = ["ClippedSGD", "cclip_momentum"]
 
@@ -85,172 +75,159 @@ class ClippedSGD(ClipOptimizerBase):
     """
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        max_norm: float = 1.0,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        scope: str = "global",
-        clip: str = "gradient",
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        nonfinite: str = "skip",
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3, max_norm: float = 1.0,
+        momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, scope: str = "global",
+        clip: str = "gradient", *, maximize: bool = False, foreach: bool | None = None, nonfinite: str = "skip",
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            max_norm=max_norm,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            scope=scope,
-            clip=clip,
-            maximize=maximize,
-            foreach=foreach,
-        )
+        defaults = dict(lr=lr, max_norm=max_norm, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        scope=scope, clip=clip, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
-        check_positive(name, "max_norm", group["max_norm"])
-        check_momentum(name, group)
-        check_choice(name, "scope", group["scope"], SCOPES)
-        check_choice(name, "clip", group["clip"], CLIP_TARGETS)
+    def _validate_hyper(self, owner: str, group: dict[str, Any]) -> None:
+        check_float("max_norm", group["max_norm"], 0.0, low_open=True, owner=owner)
+        check_momentum(owner, group)
+        check_choice("scope", group["scope"], SCOPES, owner=owner)
+        check_choice("clip", group["clip"], CLIP_TARGETS, owner=owner)
         if group["clip"] == "momentum" and group["scope"] != "coordinate":
-            raise ValueError(f"{name}: invalid clip='momentum' with scope={group['scope']!r}; clipping the "
-                             "momentum is CClip's form (accepted: scope='coordinate', or clip='gradient')")
+            raise ValueError(f"{owner}: invalid clip='momentum' with scope={group['scope']!r}; expected "
+                             "scope='coordinate' (clipping the momentum is CClip's form) or clip='gradient'")
         for key in ("scope", "clip"):
             if hasattr(self, "defaults") and group[key] != self.defaults[key]:
-                raise ValueError(
-                    f"{name}: invalid {key}={group[key]!r} in a param group; the {key} is optimizer-wide "
-                    f"(accepted: the constructor's {key}={self.defaults[key]!r})"
-                )
+                raise ValueError(f"{owner}: invalid {key}={group[key]!r} in a param group; expected the "
+                                 f"constructor's {key}={self.defaults[key]!r} (the {key} is optimizer-wide)")
 
-    def _bufs(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
-        if group["momentum"] == 0:
-            return None
-        bufs = []
-        for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(
-                    p, dtype=state_dtype(p), memory_format=torch.preserve_format
-                )
-            bufs.append(st["momentum_buffer"])
-        return bufs
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one optimisation step (see the class docstring); returns the closure's loss, if any."""
-        loss = self._closure_loss(closure)
-        collected = [self._collect(group) for group in self.param_groups]
-        norm = total_norm(
-            (grads, self._foreach(group))
-            for group, (_, grads) in zip(self.param_groups, collected, strict=True)
-        )
-        norm_value = None if norm is None else self._check_finite(norm)  # the step's one host sync
-        if norm is None or norm_value is None:
-            return loss
-        device = norm.device
+    def _update(self, batches: list[GroupGrads], norm: Tensor, norm_value: float) -> Stats:
         scaled: list[tuple[float, list[Tensor]]] = []  # GClip: each group's factor (for the statistics)
-        clipped_count: list[Tensor] = []
-        post_norms: list[Tensor] = []  # CClip: norms of the clipped gradient
+        post_norms: list[Tensor] = []  # CClip: norms of the clipped directions, numbers of clipped coordinates
+        clipped: list[Tensor] = []
         numel = 0
-        for group, (params, grads) in zip(self.param_groups, collected, strict=True):
-            if not params:
-                continue
-            foreach = self._foreach(group)
-            tau = float(group["max_norm"])
-            kwargs = dict(
-                lr=float(group["lr"]),
-                weight_decay=float(group["weight_decay"]),
-                momentum=float(group["momentum"]),
-                nesterov=bool(group["nesterov"]),
-                foreach=foreach,
-            )
-            bufs = self._bufs(group, params)
-            if group["scope"] == "global":
+        for b in batches:
+            bufs, hyper = sgd_state(self.state, b)
+            tau = float(b.group["max_norm"])
+            if b.group["scope"] == "global":  # eq. (3.5): min{1, tau / ||g||}, ||g|| over all param groups
                 scale = min(1.0, tau / norm_value) if norm_value > 0 else 1.0
-                scaled.append((scale, grads))
-                sgd_update(params, grads, bufs, scale=scale, **kwargs)
+                scaled.append((scale, b.grads))
+                sgd_update(b.params, b.grads, bufs, scale=scale, **hyper, foreach=b.foreach)
                 continue
-            # CClip: clamp(g, -tau, tau)
-            numel += sum(g.numel() for g in grads)
-            if group["clip"] == "momentum":
-                norms, counts = cclip_momentum(params, grads, bufs, self._scratch(params), tau, **kwargs)
-                post_norms.extend(n.to(device) for n in norms)
-                clipped_count.extend(c.to(device) for c in counts)
-            elif foreach:
-                clipped = self._scratch(params)
-                for idx in buckets(params):
-                    gs, cs = pick(grads, idx), pick(clipped, idx)
-                    torch._foreach_copy_(cs, gs)
-                    torch._foreach_clamp_max_(cs, tau)
-                    torch._foreach_clamp_min_(cs, -tau)
-                    post_norms.extend(n.to(device) for n in torch._foreach_norm(cs))
-                sgd_update(params, clipped, bufs, scale=1.0, **kwargs)
-                for idx in buckets(params):  # count: sign(clamp(g) - g) is +-1 exactly where clipped
-                    gs, cs = pick(grads, idx), pick(clipped, idx)
-                    torch._foreach_sub_(cs, gs)
-                    torch._foreach_sign_(cs)
-                    clipped_count.extend(n.to(device) for n in torch._foreach_norm(cs, 1))
-            else:
-                clipped = [g.clamp(-tau, tau) for g in grads]
-                post_norms.extend(torch.linalg.vector_norm(c).to(device) for c in clipped)
-                clipped_count.extend((g.abs() > tau).sum().to(device) for g in grads)
-                sgd_update(params, clipped, bufs, scale=1.0, **kwargs)
-        norm = norm.detach()
-        global_post = scaled_norm(norm, scaled) if scaled else None
-
-        def build() -> dict[str, Tensor]:  # lazily, on the device, no host sync
-            if global_post is not None:  # GClip: a group's coordinates are all scaled, or none
-                post, fraction = global_post()
-                clip_scale = post / norm if norm_value > 0 else torch.ones((), device=device)
-            else:  # CClip: share of |g_i| > tau
-                fraction = torch.stack(clipped_count).sum().float() / numel
-                post = torch.linalg.vector_norm(torch.stack(post_norms).to(norm.dtype))
-                clip_scale = torch.ones((), device=device)
-            return {
-                "grad_norm": norm,
-                "post_clip_norm": post.float(),
-                "clip_scale": clip_scale.float(),
-                "clip_fraction": fraction.float(),
-                "skipped": torch.zeros((), device=device),
-            }
-
-        self._set_stats(build)
-        self._steps += 1
-        return loss
+            cclip = cclip_momentum if b.group["clip"] == "momentum" else cclip_gradient
+            scratch = self._scratch(b.params) if b.foreach else None
+            norms, counts = cclip(b.params, b.grads, bufs, scratch, tau, **hyper, foreach=b.foreach)
+            post_norms.extend(n.to(norm.device) for n in norms)
+            clipped.extend(c.to(norm.device) for c in counts)
+            numel += sum(g.numel() for g in b.grads)
+        return _clip_stats(norm, norm_value, scaled, post_norms, clipped, numel)
 
 
-def cclip_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, scratch: list[Tensor],
-                   tau: float, *, lr: float, weight_decay: float, momentum: float, nesterov: bool,
-                   foreach: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """Thesis §4.5.1 (CClip) on the momentum: b ← μb + g + λx, x ← x − η clamp(b, −τ, τ) (Nesterov: the
-    direction g + λx + μb is clipped); ``scratch`` holds the directions. Returns the clipped directions' norms
-    and the numbers of clipped coordinates, per tensor."""
+def _clip_stats(norm: Tensor, norm_value: float, scaled: list[tuple[float, list[Tensor]]], post_norms: list[Tensor],
+                clipped: list[Tensor], numel: int) -> Stats:
+    """ClippedSGD's :attr:`last_stats` entries, built lazily on the device (no host sync): GClip's from the
+    groups' factors, CClip's from the per-tensor norms and clipped counts of the clipped directions."""
+    device = norm.device
+    global_post = scaled_norm(norm, scaled) if scaled else None
+
+    def entries() -> dict[str, Tensor]:
+        if global_post is not None:  # GClip: a group's coordinates are all scaled, or none
+            post, fraction = global_post()
+            clip_scale = post / norm if norm_value > 0 else torch.ones((), device=device)
+        else:  # CClip: share of clipped coordinates
+            fraction = torch.stack(clipped).sum().float() / numel
+            post = torch.linalg.vector_norm(torch.stack(post_norms).to(norm.dtype))
+            clip_scale = torch.ones((), device=device)
+        return {"post_clip_norm": post.float(), "clip_scale": clip_scale.float(), "clip_fraction": fraction.float()}
+
+    return entries
+
+
+CClipResult = tuple[list[Tensor], list[Tensor]]
+
+
+def cclip_gradient(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+                   scratch: list[Tensor] | None, tau: float, *, lr: float, weight_decay: float, momentum: float,
+                   nesterov: bool, foreach: bool) -> CClipResult:
+    """Thesis §4.5.1 (CClip) on the gradient, then SGD: d = clamp(g, −τ, τ) + λx, b ← μb + d, x ← x − ηb
+    (Nesterov: x ← x − η(d + μb)). ``scratch`` (foreach path) holds the clipped gradients. Returns the clipped
+    gradients' norms and the numbers of clipped coordinates, per tensor."""
+    hyper = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+    if foreach:
+        return _cclip_gradient_foreach(params, grads, bufs, scratch_or_new(scratch, grads), tau, **hyper)
+    return _cclip_gradient_single(params, grads, bufs, tau, **hyper)
+
+
+def _cclip_gradient_single(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, tau: float,
+                           **hyper: Any) -> CClipResult:
+    clipped = [g.clamp(-tau, tau) for g in grads]
+    norms = [torch.linalg.vector_norm(c) for c in clipped]
+    counts = [(g.abs() > tau).sum() for g in grads]
+    sgd_update(params, clipped, bufs, scale=1.0, **hyper, foreach=False)
+    return norms, counts
+
+
+def _cclip_gradient_foreach(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+                            scratch: list[Tensor], tau: float, **hyper: Any) -> CClipResult:
     norms: list[Tensor] = []
     counts: list[Tensor] = []
-    groups = buckets(params) if foreach else [[i] for i in range(len(params))]
-    for idx in groups:
-        ps, ds = pick(params, idx), pick(scratch, idx)
-        ws = working_copies(ps)
-        torch._foreach_copy_(ds, pick(grads, idx))  # d = g + λx
-        if weight_decay != 0:
-            torch._foreach_add_(ds, ws, alpha=weight_decay)
-        if bufs is not None:
-            bs = pick(bufs, idx)
-            torch._foreach_mul_(bs, momentum)
-            torch._foreach_add_(bs, ds)
-            if nesterov:
-                torch._foreach_add_(ds, bs, alpha=momentum)
-            else:
-                torch._foreach_copy_(ds, bs)
-        counts.extend((d.abs() > tau).sum() for d in ds)
-        torch._foreach_clamp_max_(ds, tau)
-        torch._foreach_clamp_min_(ds, -tau)
-        norms.extend(torch._foreach_norm(ds))
-        torch._foreach_add_(ws, ds, alpha=-lr)
-        write_back(ps, ws, foreach=foreach)
+    for _, gs, cs in by_device_and_dtype(params, grads, scratch):
+        torch._foreach_copy_(cs, gs)
+        torch._foreach_clamp_max_(cs, tau)
+        torch._foreach_clamp_min_(cs, -tau)
+        norms.extend(torch._foreach_norm(cs))
+    sgd_update(params, scratch, bufs, scale=1.0, **hyper, foreach=True)
+    for _, gs, cs in by_device_and_dtype(params, grads, scratch):  # sign(clamp(g) - g) is ±1 exactly where clipped
+        torch._foreach_sub_(cs, gs)
+        torch._foreach_sign_(cs)
+        counts.extend(torch._foreach_norm(cs, 1))
+    return norms, counts
+
+
+def cclip_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+                   scratch: list[Tensor] | None, tau: float, *, lr: float, weight_decay: float, momentum: float,
+                   nesterov: bool, foreach: bool) -> CClipResult:
+    """Thesis §4.5.1 (CClip) on the momentum: b ← μb + g + λx, x ← x − η clamp(b, −τ, τ) (Nesterov: the
+    direction g + λx + μb is clipped); ``scratch`` (foreach path) holds the directions. Returns the clipped
+    directions' norms and the numbers of clipped coordinates, per tensor."""
+    hyper = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+    if foreach:
+        return _cclip_momentum_foreach(params, grads, bufs, scratch_or_new(scratch, grads), tau, **hyper)
+    return _cclip_momentum_single(params, grads, bufs, tau, **hyper)
+
+
+def _cclip_momentum_single(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, tau: float, *,
+                           lr: float, weight_decay: float, momentum: float, nesterov: bool) -> CClipResult:
+    norms: list[Tensor] = []
+    counts: list[Tensor] = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        with state_precision([p], foreach=False) as (x,):
+            d = torch.add(g, x, alpha=weight_decay) if weight_decay != 0 else g.clone()  # d = g + λx
+            if bufs is not None:
+                bufs[i].mul_(momentum).add_(d)
+                d = d.add_(bufs[i], alpha=momentum) if nesterov else d.copy_(bufs[i])
+            counts.append((d.abs() > tau).sum())
+            d.clamp_(-tau, tau)
+            norms.append(torch.linalg.vector_norm(d))
+            x.add_(d, alpha=-lr)
+    return norms, counts
+
+
+def _cclip_momentum_foreach(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None,
+                            scratch: list[Tensor], tau: float, *, lr: float, weight_decay: float, momentum: float,
+                            nesterov: bool) -> CClipResult:
+    norms: list[Tensor] = []
+    counts: list[Tensor] = []
+    for ps, gs, ds, bs in by_device_and_dtype(params, grads, scratch, bufs):
+        with state_precision(ps, foreach=True) as xs:
+            torch._foreach_copy_(ds, gs)  # d = g + λx
+            if weight_decay != 0:
+                torch._foreach_add_(ds, xs, alpha=weight_decay)
+            if bs is not None:
+                torch._foreach_mul_(bs, momentum)
+                torch._foreach_add_(bs, ds)
+                if nesterov:
+                    torch._foreach_add_(ds, bs, alpha=momentum)
+                else:
+                    torch._foreach_copy_(ds, bs)
+            counts.extend((d.abs() > tau).sum() for d in ds)
+            torch._foreach_clamp_max_(ds, tau)
+            torch._foreach_clamp_min_(ds, -tau)
+            norms.extend(torch._foreach_norm(ds))
+            torch._foreach_add_(xs, ds, alpha=-lr)
     return norms, counts

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_opt.optim._common import (
-    ClipOptimizerBase,
-    buckets,
-    check_beta,
-    check_nonneg,
-    pick,
-    state_dtype,
-    total_norm,
-    working_copies,
-)
+from lightning_opt._tensors import accumulation_dtype
+from lightning_opt._validation import check_float, check_int
+from lightning_opt.optim._base import ClipOptimizerBase, GroupGrads, Stats
+from lightning_opt.optim._tensor_lists import as_state_precision, by_device_and_dtype, scratch_or_new, total_norm
 
 __all__ = ["StochasticINGD"]
 
@@ -81,41 +75,26 @@ class StochasticINGD(ClipOptimizerBase):
     """
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1.0,
-        beta: float = 0.9,
-        p: float = 1.0,
-        q: float = 10.0,
-        weight_decay: float = 5e-4,
-        *,
-        seed: int | None = None,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        nonfinite: str = "skip",
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1.0, beta: float = 0.9, p: float = 1.0,
+        q: float = 10.0, weight_decay: float = 5e-4, *, seed: int | None = None, maximize: bool = False,
+        foreach: bool | None = None, nonfinite: str = "skip",
     ) -> None:
-        name = type(self).__name__
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
-        ):
-            raise ValueError(f"{name}: invalid seed={seed!r}; expected None or an int >= 0")
-        defaults = dict(
-            lr=lr, beta=beta, p=p, q=q, weight_decay=weight_decay, maximize=maximize, foreach=foreach
-        )
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seed = int(seed)  # numpy integers too
+        check_int("seed", seed, 0, owner=type(self).__name__, optional=True)
+        defaults = dict(lr=lr, beta=beta, p=p, q=q, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults, nonfinite=nonfinite)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(int(seed) if seed is not None else torch.initial_seed())
         self._swapped = False
 
-    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
-        check_beta(name, "beta", group["beta"])
-        p = check_nonneg(name, "p", group["p"])
-        q = check_nonneg(name, "q", group["q"])
+    def _validate_hyper(self, owner: str, group: dict[str, Any]) -> None:
+        check_float("beta", group["beta"], 0.0, 1.0, high_open=True, owner=owner)
+        p = check_float("p", group["p"], 0.0, owner=owner)
+        q = check_float("q", group["q"], 0.0, owner=owner)
         if p == 0 and q == 0:
-            raise ValueError(
-                f"{name}: invalid p={group['p']!r}, q={group['q']!r}; accepted range: p >= 0, q >= 0 "
-                "and p + q > 0 (the step is lr / (p * ||m|| + q))"
-            )
+            raise ValueError(f"{owner}: invalid p={group['p']!r}, q={group['q']!r}; expected p + q > 0 (the step "
+                             "is lr / (p * ||m|| + q))")
 
     # -- the iterate x ------------------------------------------------------------------------------------
     @property
@@ -182,106 +161,112 @@ class StochasticINGD(ClipOptimizerBase):
             self._restore_y()
 
     # -- the step -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Consume :math:`g(y_t)` (in ``p.grad``), update :math:`m`, :math:`x`, write :math:`y_{t+1}` into the
-        parameters; returns the closure's loss, if any."""
+    def _check_ready(self) -> None:
         if self._swapped:
             raise RuntimeError(
                 "StochasticINGD.step() called while the iterate is swapped in; "
                 "call swap_out_iterate() (or leave the swap_iterate() block) first"
             )
-        loss = self._closure_loss(closure)
-        collected = [self._collect(group) for group in self.param_groups]
-        gnorm = total_norm(
-            (grads, self._foreach(group))
-            for group, (_, grads) in zip(self.param_groups, collected, strict=True)
-        )
-        if gnorm is None or self._check_finite(gnorm) is None:
-            return loss
-        device = gnorm.device
 
-        # 1) momentum m <- beta m + (1 - beta) (g + wd y); m_1 = g_1 + wd y_1 for a fresh parameter
-        momenta: list[list[Tensor]] = []
-        iterates: list[list[Tensor]] = []
-        for group, (params, grads) in zip(self.param_groups, collected, strict=True):
-            foreach = self._foreach(group)
-            wd, beta = float(group["weight_decay"]), float(group["beta"])
-            ms: list[Tensor] = []
-            xs: list[Tensor] = []
-            old: list[int] = []
-            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                st = self.state[p]
-                if "m" not in st:
-                    st["x"] = p.detach().to(state_dtype(p), copy=True)
-                    st["m"] = g + wd * st["x"] if wd != 0 else g.clone()
-                else:
-                    old.append(i)
-                ms.append(st["m"])
-                xs.append(st["x"])
-            if old:
-                if foreach:
-                    for idx in buckets(pick(params, old)):
-                        sel = pick(old, idx)
-                        gs = pick(grads, sel)
-                        if wd != 0:  # g + wd * y, in the scratch buffer
-                            ss = self._scratch(pick(params, sel))
-                            torch._foreach_copy_(ss, gs)
-                            torch._foreach_add_(ss, working_copies(pick(params, sel)), alpha=wd)
-                            gs = ss
-                        torch._foreach_lerp_(pick(ms, sel), gs, 1.0 - beta)
-                else:
-                    for i in old:
-                        g = grads[i]
-                        if wd != 0:
-                            g = g + wd * working_copies([params[i]])[0]
-                        ms[i].lerp_(g, 1.0 - beta)
-            momenta.append(ms)
-            iterates.append(xs)
-
-        # 2) eta_t = lr / (p ||m_t|| + q), on the device (no host sync)
-        mnorm = total_norm(
-            (ms, self._foreach(group)) for group, ms in zip(self.param_groups, momenta, strict=True)
-        )
+    def _update(self, batches: list[GroupGrads], norm: Tensor, norm_value: float) -> Stats:
+        """Consume :math:`g(y_t)` (in ``p.grad``), update :math:`m`, :math:`x`, write :math:`y_{t+1}` into the
+        parameters."""
+        # 1) m <- beta m + (1 - beta) (g + wd y)
+        states = [self._momenta(b) for b in batches]
+        # 2) eta_t = lr / (p ||m_t|| + q), ||m_t|| over all groups, on the device (no host sync)
+        mnorm = total_norm((ms, b.foreach) for b, (ms, _) in zip(batches, states, strict=True))
         assert mnorm is not None
         u = float(torch.rand((), generator=self._generator, dtype=torch.float64))
-
         # 3) x_{t+1} = x_t - eta m_t ; y_{t+1} = x_t + u (x_{t+1} - x_t) -> parameters
-        first_eta: Tensor | None = None
-        for group, (params, _), ms, xs in zip(self.param_groups, collected, momenta, iterates, strict=True):
-            if not params:
-                continue
-            denom = float(group["p"]) * mnorm + float(group["q"])
-            neg_eta = torch.where(denom > 0, -float(group["lr"]) / denom, torch.zeros_like(denom))
-            first_eta = -neg_eta if first_eta is None else first_eta
-            if self._foreach(group):
-                for idx in buckets(params):
-                    ps, mb, xb = pick(params, idx), pick(ms, idx), pick(xs, idx)
-                    steps = self._scratch(ps)  # s = -eta m
-                    torch._foreach_copy_(steps, mb)
-                    torch._foreach_mul_(steps, neg_eta.to(device=mb[0].device, dtype=mb[0].dtype))
-                    if ps[0].dtype == xb[0].dtype:
-                        torch._foreach_copy_(ps, xb)
-                        torch._foreach_add_(ps, steps, alpha=u)
-                    else:
-                        torch._foreach_copy_(ps, torch._foreach_add(xb, steps, alpha=u))
-                    torch._foreach_add_(xb, steps)
-            else:
-                for p, m, x in zip(params, ms, xs, strict=True):
-                    s = m * neg_eta.to(device=m.device, dtype=m.dtype)
-                    p.copy_(torch.add(x, s, alpha=u))
-                    x.add_(s)
+        etas: list[Tensor] = []
+        for b, (ms, xs) in zip(batches, states, strict=True):
+            denom = float(b.group["p"]) * mnorm + float(b.group["q"])
+            neg_eta = torch.where(denom > 0, -float(b.group["lr"]) / denom, torch.zeros_like(denom))
+            etas.append(-neg_eta)
+            ingd_move(b.params, xs, ms, self._scratch(b.params) if b.foreach else None, neg_eta=neg_eta, u=u,
+                      foreach=b.foreach)
+        mnorm, eta = mnorm.detach(), etas[0].detach()
+        return lambda: {"momentum_norm": mnorm, "eta": eta.float(), "u": torch.tensor(u, dtype=torch.float32)}
 
-        assert first_eta is not None
-        gnorm, mnorm, eta = gnorm.detach(), mnorm.detach(), first_eta.detach()
-        self._set_stats(
-            lambda: {
-                "grad_norm": gnorm,
-                "momentum_norm": mnorm,
-                "eta": eta.float(),
-                "u": torch.tensor(u, dtype=torch.float32),
-                "skipped": torch.zeros((), device=device),
-            }
-        )
-        self._steps += 1
-        return loss
+    def _momenta(self, batch: GroupGrads) -> tuple[list[Tensor], list[Tensor]]:
+        """Alg. 3's momentum update for ``batch``; a parameter's state starts at its first gradient
+        (m = g + λy, x = y). Returns the momenta and the iterates."""
+        wd, beta = float(batch.group["weight_decay"]), float(batch.group["beta"])
+        ms: list[Tensor] = []
+        xs: list[Tensor] = []
+        old: list[int] = []
+        for i, (p, g) in enumerate(zip(batch.params, batch.grads, strict=True)):
+            st = self.state[p]
+            if "m" not in st:
+                st["x"] = p.detach().to(accumulation_dtype(p.dtype), copy=True)
+                st["m"] = g + wd * st["x"] if wd != 0 else g.clone()
+            else:
+                old.append(i)
+            ms.append(st["m"])
+            xs.append(st["x"])
+        if old:
+            ys = [batch.params[i] for i in old]
+            ingd_momentum(ys, [batch.grads[i] for i in old], [ms[i] for i in old],
+                          self._scratch(ys) if batch.foreach else None, beta=beta, weight_decay=wd,
+                          foreach=batch.foreach)
+        return ms, xs
+
+
+def ingd_momentum(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor], scratch: list[Tensor] | None, *,
+                  beta: float, weight_decay: float, foreach: bool) -> None:
+    """Alg. 3 line 6 with L2 decay at the oracle point: m ← βm + (1 − β)(g(y) + λy); ``params`` hold y.
+    ``scratch`` (foreach path, with decay) holds g + λy."""
+    if foreach:
+        _ingd_momentum_foreach(params, grads, momenta, scratch_or_new(scratch, grads), beta=beta,
+                               weight_decay=weight_decay)
+    else:
+        _ingd_momentum_single(params, grads, momenta, beta=beta, weight_decay=weight_decay)
+
+
+def _ingd_momentum_single(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor], *, beta: float,
+                          weight_decay: float) -> None:
+    for y, g, m in zip(params, grads, momenta, strict=True):
+        if weight_decay != 0:
+            g = g + weight_decay * as_state_precision([y])[0]
+        m.lerp_(g, 1.0 - beta)
+
+
+def _ingd_momentum_foreach(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor], scratch: list[Tensor],
+                           *, beta: float, weight_decay: float) -> None:
+    for ys, gs, ms, ss in by_device_and_dtype(params, grads, momenta, scratch):
+        if weight_decay != 0:
+            torch._foreach_copy_(ss, gs)
+            torch._foreach_add_(ss, as_state_precision(ys), alpha=weight_decay)
+            gs = ss
+        torch._foreach_lerp_(ms, gs, 1.0 - beta)
+
+
+def ingd_move(params: list[Tensor], iterates: list[Tensor], momenta: list[Tensor], scratch: list[Tensor] | None, *,
+              neg_eta: Tensor, u: float, foreach: bool) -> None:
+    """Alg. 3 lines 4-5: x ← x + s with s = −ηm, and y = x + u·s (a uniform point of the segment from the old x to
+    the new one) into the parameters; ``neg_eta`` = −η stays on the device. ``scratch`` (foreach path) holds s."""
+    if foreach:
+        _ingd_move_foreach(params, iterates, momenta, scratch_or_new(scratch, momenta), neg_eta=neg_eta, u=u)
+    else:
+        _ingd_move_single(params, iterates, momenta, neg_eta=neg_eta, u=u)
+
+
+def _ingd_move_single(params: list[Tensor], iterates: list[Tensor], momenta: list[Tensor], *, neg_eta: Tensor,
+                      u: float) -> None:
+    for p, x, m in zip(params, iterates, momenta, strict=True):
+        s = m * neg_eta.to(device=m.device, dtype=m.dtype)
+        p.copy_(torch.add(x, s, alpha=u))
+        x.add_(s)
+
+
+def _ingd_move_foreach(params: list[Tensor], iterates: list[Tensor], momenta: list[Tensor], scratch: list[Tensor],
+                       *, neg_eta: Tensor, u: float) -> None:
+    for ps, xs, ms, steps in by_device_and_dtype(params, iterates, momenta, scratch):
+        torch._foreach_copy_(steps, ms)
+        torch._foreach_mul_(steps, neg_eta.to(device=ms[0].device, dtype=ms[0].dtype))
+        if ps[0].dtype == xs[0].dtype:
+            torch._foreach_copy_(ps, xs)
+            torch._foreach_add_(ps, steps, alpha=u)
+        else:  # half-precision y: rounded once from x + u s
+            torch._foreach_copy_(ps, torch._foreach_add(xs, steps, alpha=u))
+        torch._foreach_add_(xs, steps)

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_opt.optim._common import (
-    ClipOptimizerBase,
-    check_momentum,
-    check_nonneg,
-    scaled_norm,
-    sgd_update,
-    state_dtype,
-    total_norm,
-)
+from lightning_opt._validation import check_float
+from lightning_opt.optim._base import ClipOptimizerBase, GroupGrads, Stats
+from lightning_opt.optim._sgd import check_momentum, scaled_norm, sgd_state, sgd_update
 
 __all__ = ["NormalizedSGD"]
 
@@ -55,87 +49,35 @@ class NormalizedSGD(ClipOptimizerBase):
     """
 
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        beta: float = 1.0,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        nonfinite: str = "skip",
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3, beta: float = 1.0,
+        momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+        foreach: bool | None = None, nonfinite: str = "skip",
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            beta=beta,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            foreach=foreach,
-        )
+        defaults = dict(lr=lr, beta=beta, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, foreach=foreach)
         super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def _validate_hyper(self, name: str, group: dict[str, Any]) -> None:
-        check_nonneg(name, "beta", group["beta"])
-        check_momentum(name, group)
+    def _validate_hyper(self, owner: str, group: dict[str, Any]) -> None:
+        check_float("beta", group["beta"], 0.0, owner=owner)
+        check_momentum(owner, group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one optimisation step (see the class docstring); returns the closure's loss, if any."""
-        loss = self._closure_loss(closure)
-        collected = [self._collect(group) for group in self.param_groups]
-        norm = total_norm(
-            (grads, self._foreach(group))
-            for group, (_, grads) in zip(self.param_groups, collected, strict=True)
-        )
-        norm_value = None if norm is None else self._check_finite(norm)  # the step's one host sync
-        if norm is None or norm_value is None:
-            return loss
+    def _update(self, batches: list[GroupGrads], norm: Tensor, norm_value: float) -> Stats:
         scaled: list[tuple[float, list[Tensor]]] = []  # each group's factor (for the statistics)
-        for group, (params, grads) in zip(self.param_groups, collected, strict=True):
-            if not params:
-                continue
-            denom = norm_value + float(group["beta"])
+        for b in batches:
+            denom = norm_value + float(b.group["beta"])  # eq. (3.6): g / (||g|| + beta), ||g|| over all groups
             scale = 1.0 / denom if denom > 0 else 0.0
-            scaled.append((scale, grads))
-            momentum = float(group["momentum"])
-            bufs = None
-            if momentum != 0:
-                bufs = []
-                for p in params:
-                    st = self.state[p]
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = torch.zeros_like(
-                            p, dtype=state_dtype(p), memory_format=torch.preserve_format
-                        )
-                    bufs.append(st["momentum_buffer"])
-            sgd_update(
-                params,
-                grads,
-                bufs,
-                lr=float(group["lr"]),
-                scale=scale,
-                weight_decay=float(group["weight_decay"]),
-                momentum=momentum,
-                nesterov=bool(group["nesterov"]),
-                foreach=self._foreach(group),
-            )
-        norm = norm.detach()
+            scaled.append((scale, b.grads))
+            bufs, hyper = sgd_state(self.state, b)
+            sgd_update(b.params, b.grads, bufs, scale=scale, **hyper, foreach=b.foreach)
         post = scaled_norm(norm, scaled)
         factors = {s for s, _ in scaled}
 
-        def build() -> dict[str, Tensor]:  # lazily, on the device, no host sync
+        def entries() -> dict[str, Tensor]:
             scaled_post = post()[0]
             if len(factors) == 1:
                 clip_scale = torch.full((), next(iter(factors)), device=norm.device)
             else:
                 clip_scale = scaled_post / norm if norm_value > 0 else torch.zeros((), device=norm.device)
-            return {"grad_norm": norm, "post_clip_norm": scaled_post.float(), "clip_scale": clip_scale.float(),
-                    "skipped": torch.zeros((), device=norm.device)}
+            return {"post_clip_norm": scaled_post.float(), "clip_scale": clip_scale.float()}
 
-        self._set_stats(build)
-        self._steps += 1
-        return loss
+        return entries
