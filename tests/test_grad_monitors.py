@@ -156,7 +156,7 @@ def test_probe_source_needs_map_style_dataset():
 
 def test_noise_monitor_state_round_trip():
     a = GradientNoiseMonitor()
-    a._last_probe_step, a._ema_trace, a._ema_grad_sq, a._ema_weight = 40, 1.5, 0.25, 0.19
+    a.load_state_dict({"last_probe_step": 40, "ema_trace": 1.5, "ema_grad_sq": 0.25, "ema_weight": 0.19})
     b = GradientNoiseMonitor()
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()

@@ -17,7 +17,9 @@ from scripts._common import CaptureLogger
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
+import lightning_opt.callbacks
 from lightning_opt.callbacks.gradient_noise import GradientNoiseMonitor
 from lightning_opt.stats.noise import noise_moments, pool_noise
 from lightning_opt.stats.tail_index import (
@@ -362,13 +364,12 @@ def test_sharpness_monitor_logs_the_extreme_eigenvalues_of_the_exact_hessian(pro
 class PhasedNet(Net):
     """Net with StepLR(5, ½) stepped every optimizer step (lr phases 0.5 / 0.25 / 0.125), logging ``train/loss``
     every step and ``aux`` = 10·loss + t on steps t = 1, 4, 7, … only (a sampled-and-held metric).
-    Records (lr, loss) of each training step and every value a callback passes to ``self.log``."""
+    Records (lr, loss) of each training step."""
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.steps: list[tuple[float, float]] = []
         self.aux: dict[int, float] = {}
-        self.logged: list[tuple[int, str, float]] = []
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -381,11 +382,6 @@ class PhasedNet(Net):
         if t % 3 == 1:
             self.log("aux", 10 * loss + t, on_step=True, on_epoch=False, batch_size=1)
         return loss
-
-    def log(self, name, value, *args, **kwargs):
-        if name.startswith(("time_avg/", "window_avg/")):
-            self.logged.append((self.trainer.global_step - 1, name, float(value)))
-        super().log(name, value, *args, **kwargs)
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -424,9 +420,12 @@ def test_time_average_monitor_logs_running_means_of_the_recorded_values(reset):
     for t in range(n):
         last = model.aux.get(t, last)
         held.append(last)
-    got: dict[int, dict[str, float]] = {}
-    for t, name, value in model.logged:
-        got.setdefault(t, {})[name] = value
+    got: dict[int, dict[str, float]] = {}  # what reached the logger, by Lightning's step (the batch index)
+    for t, met in cap.calls:
+        for name, value in met.items():
+            if name.startswith(("time_avg/", "window_avg/")):
+                assert name not in got.get(t, {}), (t, name)  # one value per key and step
+                got.setdefault(t, {})[name] = value
     assert sorted(got) == [t for t in range(n) if (t + 1) % 2 == 0]
     gains: list[tuple[int, float]] = []
     for t in range(n):
@@ -460,7 +459,58 @@ def test_time_average_monitor_logs_running_means_of_the_recorded_values(reset):
         assert set(got[t]) - unpinned == set(want), t
         for key, value in want.items():
             assert got[t][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (t, key)
-            # what reaches the logger: the same number through Lightning's float32 self.log tensor
-            (logged,) = [met[key] for s, met in cap.calls if s == t]
-            assert logged == pytest.approx(value, rel=1e-6), (t, key)
     assert mon.time_averages()["train/loss"] == pytest.approx(want["time_avg/train/loss"], rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ probes and torchmetrics
+
+
+class MetricNet(Net):
+    """Net that updates and logs a torchmetrics accuracy in ``training_step``, as ``ImageClassifier.train_acc``."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.train_acc = MulticlassAccuracy(num_classes=CLASSES, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        x, y = batch
+        self.train_acc(self.net(x).detach(), y)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        return loss
+
+
+class MetricTrace(pl.Callback):
+    """The accuracy's accumulators after every training batch (put after the monitor in ``callbacks``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, list[torch.Tensor]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        acc = pl_module.train_acc
+        self.rows.append((acc._update_count, [v.clone() for v in acc.metric_state.values()]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GradientNoiseMonitor(every_n_steps=2, num_batches=2, bootstrap=0, histogram=False),
+    lambda: lightning_opt.callbacks.SharpnessMonitor(every_n_steps=2, max_iter=4),
+    lambda: lightning_opt.callbacks.TimeAverageMonitor(gain_every=1),
+], ids=["GradientNoiseMonitor", "SharpnessMonitor", "TimeAverageMonitor"])
+def test_probes_leave_torchmetrics_state_alone(make):
+    """Every monitor that runs ``training_step`` as a probe leaves a torchmetrics metric that ``training_step``
+    updates as it was: its accumulators after every batch, the logged ``train/acc`` (per step and for the epoch)
+    and the weights equal those of a run without the monitor."""
+
+    def run(callbacks):
+        cap, model, trace = CaptureLogger(), MetricNet(batch_size=8, n=48), MetricTrace()
+        _fit(model, [*callbacks, trace], 6, logger=cap, log_every_n_steps=1)
+        return model, trace.rows, [(k, v) for _, m in cap.calls for k, v in m.items() if k.startswith("train/acc")]
+
+    ref, ref_rows, ref_logged = run([])
+    got, rows, logged = run([make()])
+    assert len(got.calls) > len(ref.calls)  # the monitor did run training_step as a probe
+    assert [n for n, _ in rows] == [n for n, _ in ref_rows] == list(range(1, 7))
+    for (_, mine), (_, want) in zip(rows, ref_rows, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(mine, want, strict=True))
+    assert logged == ref_logged and any(k == "train/acc_epoch" for k, _ in logged)
+    assert all(torch.equal(a, b) for a, b in zip(got.parameters(), ref.parameters(), strict=True))

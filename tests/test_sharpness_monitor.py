@@ -53,7 +53,7 @@ def test_monitor_logs_to_tensorboard_and_matches_exact_hessian(tmp_path):
     assert scalars["curvature/lambda_max"][-1][1] == pytest.approx(last["curvature/lambda_max"], rel=1e-6)
 
     # exact eigvalsh of the Hessian of the fixed probe batch at the final weights (eval-mode BN, no dropout)
-    ev = torch.linalg.eigvalsh(exact_hessian(model, mon._probe_batch))
+    ev = torch.linalg.eigvalsh(exact_hessian(model, mon._fixed.batch))
     lmax, lmin = last["curvature/lambda_max"], last["curvature/lambda_min"]
     assert last["curvature/converged"] == 1.0
     assert _rel(lmax, ev[-1].item()) <= 1e-3
@@ -120,12 +120,12 @@ def test_state_dict_round_trip_warm_starts(tmp_path):
     _trainer(tmp_path, [mon], max_steps=4).fit(model, loader())
     state = mon.state_dict()
     assert state["ritz"].shape == (2, sum(p.numel() for p in model.parameters()))
-    x_fixed = mon._probe_batch[0]
+    x_fixed = mon._fixed.batch[0]
     assert torch.equal(state["probe_batches"][0][0], x_fixed)
 
     restored = SharpnessMonitor(every_n_steps=2, max_iter=100)
     restored.load_state_dict(state)
-    probe = restored._take_loaded_probe(model)
+    probe = restored._fixed.take_loaded(model)
     assert torch.equal(probe[0], x_fixed)
     warm = restored.measure(model, probe, lr=0.05)
     cold = SharpnessMonitor(every_n_steps=2, max_iter=100).measure(model, probe, lr=0.05)
@@ -325,11 +325,11 @@ def test_checkpoints_hold_the_probe_batch_only_when_asked(tmp_path, save_probe):
     (state,) = [v for k, v in torch.load(tmp_path / "a.ckpt", weights_only=False)["callbacks"].items()
                 if "SharpnessMonitor" in k]
     if save_probe:
-        assert torch.equal(state["probe_batches"][0][0], mon._probe_batch[0])
+        assert torch.equal(state["probe_batches"][0][0], mon._fixed.batch[0])
     else:
         assert state["probe_batches"] is None  # no training data in the file
     resumed = SharpnessMonitor(every_n_steps=2, max_iter=8, save_probe=save_probe)
     # resume on batches of 16 rows: a probe of 32 rows can only have come from the checkpoint
     _trainer(tmp_path, [resumed], max_steps=6).fit(TinyNet(), loader(batch_size=16), ckpt_path=tmp_path / "a.ckpt")
     assert [h["step"] for h in resumed.history] == [6]
-    assert len(resumed._probe_batch[0]) == (32 if save_probe else 16)
+    assert len(resumed._fixed.batch[0]) == (32 if save_probe else 16)

@@ -7,6 +7,7 @@ Alg. 1) threshold, which is why it is read *after* AMP unscaling and *before* gr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,7 +16,8 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from lightning_opt._ownership import RankLocal
-from lightning_opt.callbacks._common import check_bool, check_float, check_int, log_scalars
+from lightning_opt._validation import check_bool, check_float, check_int
+from lightning_opt.callbacks._common import log_scalars
 from lightning_opt.distributed import all_gather_vector
 
 __all__ = ["GradNormMonitor"]
@@ -53,11 +55,11 @@ class GradNormMonitor(RankLocal, Callback):
 
     def __init__(self, every_n_steps: int = 50, norm_type: float = 2.0, per_layer: bool = False) -> None:
         super().__init__()
-        self.every_n_steps = check_int("GradNormMonitor", "every_n_steps", every_n_steps, minimum=1)
-        self.norm_type = check_float(
-            "GradNormMonitor", "norm_type", norm_type, low=0.0, high=float("inf"), low_open=True
-        )
-        self.per_layer = check_bool("GradNormMonitor", "per_layer", per_layer)
+        own = "GradNormMonitor"
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, owner=own)
+        # the inf-norm (max |g|) is a valid choice: the interval is closed at inf
+        self.norm_type = check_float("norm_type", norm_type, 0.0, math.inf, low_open=True, high_open=False, owner=own)
+        self.per_layer = check_bool("per_layer", per_layer, owner=own)
         # (step, optimizer index, optimizer, layer names, device tensor [total, per-layer...]) awaiting
         # logging
         self._pending: list[tuple[int, int, Any, list[str], Tensor]] = []

@@ -18,111 +18,30 @@ norm ‖g − ∇f(x)‖ at a fixed model) and the "Noise σ(θ)" statistic of t
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from lightning_opt._ownership import RankLocal
-from lightning_opt.callbacks._common import (
-    TrajectoryGuard,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
-    check_optional_int,
-    log_histogram,
-    log_scalars,
-)
+from lightning_opt._validation import check_bool, check_choice, check_float, check_int
+from lightning_opt.callbacks._common import log_histogram, log_scalars, warn_once
+from lightning_opt.callbacks._noise_batches import batch_rows, micro_batches, probe_loader
+from lightning_opt.callbacks._noise_stats import BSimpleEma, tail_metrics
+from lightning_opt.callbacks._probe import TrajectoryGuard, probe_loss
 from lightning_opt.distributed import all_gather_vector
 from lightning_opt.distributed import rank as dist_rank
-from lightning_opt.stats.noise import b_simple as b_simple_fn
 from lightning_opt.stats.noise import noise_moments, pool_noise
-from lightning_opt.stats.tail_index import (
-    DEFAULT_MAX_ALPHA_STABLE,
-    TailIndexEstimate,
-    tail_index_hill,
-    tail_index_hill_ci,
-    tail_index_mohammadi,
-    tail_index_mohammadi_ci,
-)
+from lightning_opt.stats.tail_index import DEFAULT_MAX_ALPHA_STABLE
 
 __all__ = ["GradientNoiseMonitor"]
 
 _NAN = float("nan")
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def _muted_logging(module: pl.LightningModule) -> Iterator[None]:
-    """Turn ``self.log`` / ``self.log_dict`` into no-ops so probe losses never reach the training metrics."""
-    saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
-    object.__setattr__(module, "log", _noop)
-    object.__setattr__(module, "log_dict", _noop)
-    try:
-        yield
-    finally:
-        for k in ("log", "log_dict"):
-            if k in saved:
-                object.__setattr__(module, k, saved[k])
-            else:
-                object.__delattr__(module, k)
-
-
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.dim() > 0 else None
-    if isinstance(batch, Mapping):
-        items = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        items = list(batch)
-    else:
-        return None
-    for item in items:
-        b = _batch_size(item)
-        if b is not None:
-            return b
-    return None
-
-
-def _slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Rows [start, stop) of every tensor in a (nested) batch; other leaves are passed through."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _slice_batch(v, start, stop) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_slice_batch(v, start, stop) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice_batch(v, start, stop) for v in batch)
-    return batch
-
-
-class _IndependentBatches:
-    """Batch sampler of ``num_batches`` independent batches: each is ``batch_size`` distinct indices drawn
-    uniformly (``randperm(n)[:batch_size]``) from the probe generator. Batches are independent of each other,
-    so the probe gradients are i.i.d. given θ; consecutive batches of one shuffled pass would instead be
-    negatively correlated when M·b is a sizeable fraction of the dataset (finite-population effect), which
-    biases σ downwards and the across-sample tail index upwards."""
-
-    def __init__(self, n: int, batch_size: int, num_batches: int, generator: torch.Generator) -> None:
-        self.n, self.batch_size, self.num_batches, self.generator = n, batch_size, num_batches, generator
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            yield torch.randperm(self.n, generator=self.generator)[: self.batch_size].tolist()
+#: columns of a rank's gathered row before the M noise norms: valid flag, Σ‖ξ_i‖², ‖ḡ‖², batch size
+_HEAD = 4
 
 
 class GradientNoiseMonitor(RankLocal, Callback):
@@ -134,8 +53,8 @@ class GradientNoiseMonitor(RankLocal, Callback):
     * ``"probe"`` — M extra batches of the training batch size from a *probe loader*: a separate
       ``DataLoader`` over the training dataloader's (map-style) dataset, with the same batch size and
       ``collate_fn``, ``num_workers=0`` and its own ``torch.Generator``, whose batch sampler draws M
-      *independent* batches (each b distinct indices, uniformly; see ``_IndependentBatches``). The generator
-      is re-seeded at every probe from ``(seed, global rank, global_step)``, so probe batches differ across
+      *independent* batches (each b distinct indices, uniformly; see ``_noise_batches.IndependentBatches``). The
+      generator is re-seeded at every probe from ``(seed, global rank, global_step)``, so probe batches differ across
       ranks and probes, are reproducible, resume exactly from a checkpoint, and never consume the training
       loader or the global RNG. Batches go through ``trainer.strategy.batch_to_device`` (the module's
       transfer hooks).
@@ -147,9 +66,9 @@ class GradientNoiseMonitor(RankLocal, Callback):
     batch_idx)`` returns (a tensor, or a dict with key ``"loss"``), under the precision plugin's
     ``train_step_context``, on the unwrapped module (no DDP gradient hooks fire, nothing is accumulated into
     ``.grad``). Requires automatic optimisation. The probe never changes the training trajectory:
-    ``self.log`` is muted during it and :class:`~lightning_opt.callbacks._common.TrajectoryGuard` restores
-    the torch/CUDA/Python/NumPy RNG states, all buffers (BatchNorm statistics), ``.grad``, training modes
-    and torchmetrics accumulators. The probe runs in ``on_train_batch_start`` of the first batch whose
+    :class:`~lightning_opt.callbacks._probe.TrajectoryGuard` mutes ``self.log`` and restores the
+    torch/CUDA/Python/NumPy RNG states, all buffers (BatchNorm statistics), ``.grad``, training modes and
+    torchmetrics accumulators. The probe runs in ``on_train_batch_start`` of the first batch whose
     ``global_step`` is a multiple of ``every_n_steps`` (so step 0, at initialisation, is probed — the
     setting of thesis Fig. 4-1).
 
@@ -157,9 +76,10 @@ class GradientNoiseMonitor(RankLocal, Callback):
 
     **DDP**: every rank computes its own M gradients and centres them at its own mean. One all-gather per
     probe moves, per rank, a validity flag, Σ‖ξ_i‖², ‖ḡ‖², the M noise norms and ξ restricted to
-    ``max_coords`` coordinates (the same random subset on every rank, redrawn at every probe). Rank 0
-    computes the estimators and writes; other ranks return immediately. Under the periodic-synchronisation
-    strategies ranks sit at different θ and the pooled statistics average over them.
+    ``max_coords`` coordinates (the same random subset on every rank, redrawn at every probe). Every
+    rank computes the estimators from the same gathered rows (so ``noise/*`` is published with the same value
+    on every rank); rank 0 writes. Under the periodic-synchronisation strategies ranks sit at different θ and
+    the pooled statistics average over them.
 
     **Tail indices** (each with a percentile bootstrap interval over ``bootstrap`` resamples at ``level``):
     ``tail_alpha_coord`` uses the gathered ξ coordinates flattened (sample by sample, coordinates in index
@@ -204,49 +124,37 @@ class GradientNoiseMonitor(RankLocal, Callback):
     ) -> None:
         super().__init__()
         own = "GradientNoiseMonitor"
-        self.every_n_steps = check_int(own, "every_n_steps", every_n_steps, minimum=1)
-        self.num_batches = check_int(own, "num_batches", num_batches, minimum=2)
-        self.source = check_choice(own, "source", source, ("probe", "micro"))
-        self.histogram = check_bool(own, "histogram", histogram)
-        self.max_coords = check_int(own, "max_coords", max_coords, minimum=16)
-        self.bootstrap = check_int(own, "bootstrap", bootstrap, minimum=0)
-        self.level = check_float(own, "level", level, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.block = check_optional_int(own, "block", block, minimum=2)
-        self.sample_block = check_optional_int(own, "sample_block", sample_block, minimum=2)
-        self.hill_k = check_optional_int(own, "hill_k", hill_k, minimum=1)
-        self.batch_size = check_optional_int(own, "batch_size", batch_size, minimum=1)
-        self.ema_decay = check_float(own, "ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)
-        self.max_alpha = check_float(own, "max_alpha", max_alpha, low=0.0, high=float("inf"), low_open=True)
-        self.seed = check_int(own, "seed", seed, minimum=0)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, owner=own)
+        self.num_batches = check_int("num_batches", num_batches, 2, owner=own)
+        self.source = check_choice("source", source, ("probe", "micro"), owner=own)
+        self.histogram = check_bool("histogram", histogram, owner=own)
+        self.max_coords = check_int("max_coords", max_coords, 16, owner=own)
+        self.bootstrap = check_int("bootstrap", bootstrap, 0, owner=own)
+        self.level = check_float("level", level, 0.0, 1.0, low_open=True, high_open=True, owner=own)
+        self.block = check_int("block", block, 2, owner=own, optional=True)
+        self.sample_block = check_int("sample_block", sample_block, 2, owner=own, optional=True)
+        self.hill_k = check_int("hill_k", hill_k, 1, owner=own, optional=True)
+        self.batch_size = check_int("batch_size", batch_size, 1, owner=own, optional=True)
+        self.ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True, owner=own)
+        # an unbounded estimate is a valid setting: the interval is closed at inf
+        self.max_alpha = check_float("max_alpha", max_alpha, 0.0, float("inf"), low_open=True, high_open=False,
+                                     owner=own)
+        self.seed = check_int("seed", seed, 0, owner=own)
         self._last_probe_step = -1
-        self._ema_trace = 0.0
-        self._ema_grad_sq = 0.0
-        self._ema_weight = 0.0
+        self._ema = BSimpleEma(self.ema_decay)
         self._probe_loader: DataLoader | None = None
         self._probe_gen = torch.Generator()
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_probe_step": self._last_probe_step,
-            "ema_trace": self._ema_trace,
-            "ema_grad_sq": self._ema_grad_sq,
-            "ema_weight": self._ema_weight,
-        }
+        return {"last_probe_step": self._last_probe_step, **self._ema.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_probe_step = int(state_dict.get("last_probe_step", -1))
-        self._ema_trace = float(state_dict.get("ema_trace", 0.0))
-        self._ema_grad_sq = float(state_dict.get("ema_grad_sq", 0.0))
-        self._ema_weight = float(state_dict.get("ema_weight", 0.0))
+        self._ema.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _warn_once(self, key: str, msg: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"GradientNoiseMonitor: {msg}", stacklevel=3)
-
     def _seed_for(self, step: int, salt: int, with_rank: bool) -> int:
         r = dist_rank() if with_rank else 0
         return ((self.seed * 1_000_003 + salt * 10_007 + r) * 2_147_483_647 + step) % (2**63)
@@ -260,35 +168,16 @@ class GradientNoiseMonitor(RankLocal, Callback):
             self._probe_loader = self._build_probe_loader(trainer)
 
     def _build_probe_loader(self, trainer: pl.Trainer) -> DataLoader:
-        own = "GradientNoiseMonitor(source='probe')"
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise RuntimeError(
-                f"{own} needs a single torch DataLoader as training loader, got {type(loader).__name__}; "
-                "use source='micro'"
-            )
-        dataset = loader.dataset
-        if isinstance(dataset, IterableDataset):
-            raise RuntimeError(f"{own} needs a map-style training dataset; use source='micro'")
-        bs = self.batch_size or loader.batch_size
-        if bs is None:
-            raise RuntimeError(f"{own}: the training loader has no batch_size (batch_sampler?); pass one")
-        n = len(dataset)  # type: ignore[arg-type]
-        if n < bs:
-            raise RuntimeError(f"{own}: the dataset of {n} samples is smaller than the batch size {bs}")
-        sampler = _IndependentBatches(n, bs, self.num_batches, self._probe_gen)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=loader.collate_fn)
+        return probe_loader(trainer.train_dataloader, self.batch_size, self.num_batches, self._probe_gen)
 
     def _batches(self, trainer: pl.Trainer, batch: Any, step: int) -> tuple[list[Any], int] | None:
         m = self.num_batches
         if self.source == "micro":
-            b = _batch_size(batch)
-            if b is None or b // m < 1:
-                msg = f"batch of size {b} cannot be split into num_batches={m}; probe skipped"
-                self._warn_once("micro", msg)
-                return None
-            c = b // m
-            return [_slice_batch(batch, i * c, (i + 1) * c) for i in range(m)], c
+            got = micro_batches(batch, m)
+            if got is None:
+                msg = f"batch of size {batch_rows(batch)} cannot be split into num_batches={m}; probe skipped"
+                warn_once(self._warned, "micro", f"GradientNoiseMonitor: {msg}")
+            return got
         if self._probe_loader is None:
             self._probe_loader = self._build_probe_loader(trainer)
         self._probe_gen.manual_seed(self._seed_for(step, 1, with_rank=True))
@@ -311,22 +200,20 @@ class GradientNoiseMonitor(RankLocal, Callback):
     def _gradients(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], batch_idx: int
     ) -> Tensor | None:
+        """[M, D] float32 gradients of the probe losses (``torch.autograd.grad``: nothing reaches ``.grad``)."""
         params = [p for p in pl_module.parameters() if p.requires_grad]
         if not params:
             return None
-        device = params[0].device
-        total = sum(p.numel() for p in params)
-        buf = torch.empty(len(batches), total, dtype=torch.float32, device=device)
-        with _muted_logging(pl_module), torch.enable_grad():
-            for i, b in enumerate(batches):
-                with trainer.precision_plugin.train_step_context():
-                    out = pl_module.training_step(b, batch_idx)
-                loss = out.get("loss") if isinstance(out, Mapping) else out
-                if not isinstance(loss, Tensor):
-                    self._warn_once("loss", "training_step returned no loss tensor; probe skipped")
+        buf = torch.empty(len(batches), sum(p.numel() for p in params), dtype=torch.float32,
+                          device=params[0].device)
+        with torch.enable_grad():
+            for row, b in zip(buf, batches, strict=True):
+                loss = probe_loss(trainer, pl_module, b, batch_idx)
+                if loss is None:
+                    warn_once(self._warned, "loss",
+                              "GradientNoiseMonitor: training_step returned no loss tensor; probe skipped")
                     return None
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                row = buf[i]
                 offset = 0
                 for p, g in zip(params, grads, strict=True):
                     n = p.numel()
@@ -355,7 +242,7 @@ class GradientNoiseMonitor(RankLocal, Callback):
             idx = torch.randperm(d_total, generator=gen)[:k].sort().values
         else:
             idx = torch.randint(d_total, (k,), generator=gen).sort().values
-        packed = torch.full((4 + m + m * k,), _NAN, dtype=torch.float64, device=dev)
+        packed = torch.full((_HEAD + m + m * k,), _NAN, dtype=torch.float64, device=dev)
         packed[0] = 0.0
         if grads is not None:
             mom = noise_moments(grads)  # centres grads in place: rows are ξ_i
@@ -363,8 +250,8 @@ class GradientNoiseMonitor(RankLocal, Callback):
             packed[1] = mom.sum_sq
             packed[2] = mom.mean_sq
             packed[3] = float(bsz)
-            packed[4 : 4 + m] = mom.norms
-            packed[4 + m :] = grads[:, idx.to(dev)].reshape(-1).double()
+            packed[_HEAD : _HEAD + m] = mom.norms
+            packed[_HEAD + m :] = grads[:, idx.to(dev)].reshape(-1).double()
             del grads
         gathered = all_gather_vector(packed)
         # every rank reports from the same gathered rows (seeded without the rank), so ``noise/*`` exists with the
@@ -376,63 +263,19 @@ class GradientNoiseMonitor(RankLocal, Callback):
         if rows.shape[0] == 0:
             return
         bsz = int(rows[0, 3].item())
-        norms = rows[:, 4 : 4 + m].reshape(-1)
-        xi = rows[:, 4 + m :].reshape(rows.shape[0], m, k)
+        norms = rows[:, _HEAD : _HEAD + m].reshape(-1)
+        xi = rows[:, _HEAD + m :].reshape(rows.shape[0], m, k)
         summary = pool_noise(rows[:, 1], rows[:, 2], m, bsz)
-        d = self.ema_decay
-        self._ema_trace = d * self._ema_trace + (1 - d) * float(summary.trace)
-        self._ema_grad_sq = d * self._ema_grad_sq + (1 - d) * float(summary.grad_sq)
-        self._ema_weight = d * self._ema_weight + (1 - d)
-        ema_b = b_simple_fn(
-            torch.tensor(self._ema_trace / self._ema_weight, dtype=torch.float64),
-            torch.tensor(self._ema_grad_sq / self._ema_weight, dtype=torch.float64),
-            bsz,
-        )
         metrics: dict[str, float] = {
             "noise/norm": float(summary.sigma),
             "noise/grad_sq": float(summary.grad_sq),
             "noise/b_simple": float(summary.b_simple),
-            "noise/b_simple_ema": float(ema_b),
+            "noise/b_simple_ema": self._ema.update(float(summary.trace), float(summary.grad_sq), bsz),
         }
         gen = torch.Generator().manual_seed(self._seed_for(step, 3, with_rank=False))
-        pairs = (xi[:, 0 : 2 * (m // 2) : 2] - xi[:, 1 : 2 * (m // 2) : 2]).reshape(-1, k)
-        estimates = {
-            "tail_alpha_coord": self._estimate(
-                lambda: tail_index_mohammadi(xi, self.block, max_alpha=self.max_alpha),
-                lambda: tail_index_mohammadi_ci(
-                    xi, self.block, num_resamples=self.bootstrap, level=self.level, generator=gen,
-                    max_alpha=self.max_alpha,
-                ),
-            ),
-            "tail_alpha_sample": self._estimate(
-                lambda: tail_index_mohammadi(pairs, self.sample_block, dim=0, max_alpha=self.max_alpha),
-                lambda: tail_index_mohammadi_ci(
-                    pairs, self.sample_block, dim=0, num_resamples=self.bootstrap, level=self.level,
-                    generator=gen, max_alpha=self.max_alpha,
-                ),
-            ),
-            "tail_alpha_hill": self._estimate(
-                lambda: tail_index_hill(norms, self.hill_k),
-                lambda: tail_index_hill_ci(
-                    norms, self.hill_k, num_resamples=self.bootstrap, level=self.level, generator=gen
-                ),
-            ),
-        }
-        for name, est in estimates.items():
-            metrics[f"noise/{name}"] = float(est.alpha)
-            if self.bootstrap > 0:
-                metrics[f"noise/{name}_lo"] = float(est.lo)
-                metrics[f"noise/{name}_hi"] = float(est.hi)
+        metrics |= tail_metrics(xi, norms, gen, block=self.block, sample_block=self.sample_block,
+                                hill_k=self.hill_k, bootstrap=self.bootstrap, level=self.level,
+                                max_alpha=self.max_alpha)
         log_scalars(trainer, metrics, step)
         if self.histogram:
             log_histogram(trainer, "noise/norms", norms, step)
-
-    def _estimate(self, point: Any, with_ci: Any) -> TailIndexEstimate:
-        """Point estimate (and interval if ``bootstrap > 0``); too few samples for the estimator → NaN."""
-        nan = torch.tensor(_NAN, dtype=torch.float64)
-        try:
-            if self.bootstrap > 0:
-                return with_ci()
-            return TailIndexEstimate(point(), nan, nan)
-        except ValueError:  # e.g. fewer samples than one block, or k >= n
-            return TailIndexEstimate(nan, nan, nan)

@@ -10,7 +10,8 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from lightning_opt._ownership import RankLocal
-from lightning_opt.callbacks._common import check_int, check_optional_int, log_scalars
+from lightning_opt._validation import check_int
+from lightning_opt.callbacks._common import log_scalars
 from lightning_opt.optim.ingd import StochasticINGD
 
 __all__ = ["RandomIterate"]
@@ -54,8 +55,8 @@ class RandomIterate(RankLocal, Callback):
 
     def __init__(self, lag: int = 0, seed: int | None = None) -> None:
         super().__init__()
-        self.lag = check_int(_OWNER, "lag", lag, minimum=0)
-        seed = check_optional_int(_OWNER, "seed", seed, minimum=0)
+        self.lag = check_int("lag", lag, 0, owner=_OWNER)
+        seed = check_int("seed", seed, 0, owner=_OWNER, optional=True)
         self._gen = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         self._weight = 0  # total weight of the candidates seen
         self._seen = 0  # candidates seen: x_1 .. x_seen

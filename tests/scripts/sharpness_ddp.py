@@ -34,7 +34,7 @@ def main() -> None:
     trainer.fit(model)
     rank = trainer.global_rank
 
-    h_local = exact_hessian(model, glob._probe_batch)
+    h_local = exact_hessian(model, glob._fixed.batch)
     ev_local = torch.linalg.eigvalsh(h_local)
     h_global = h_local.clone()
     dist.all_reduce(h_global)

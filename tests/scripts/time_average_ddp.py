@@ -55,7 +55,7 @@ def main() -> None:
         "rank": rank,
         "lrs": [g["lr"] for g in trainer.optimizers[0].param_groups],
         "events": monitor.events,
-        "gain_window": monitor._gain_win.values(),
+        "gain_window": monitor._gain.window.values(),
         "gain": monitor.gain_statistics(),
         "theta": model.theta.detach().clone(),
         "objective": float(model.objective()),
