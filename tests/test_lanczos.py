@@ -248,7 +248,7 @@ def test_curvature_adaptive_period_divides_by_one_minus_alpha_for_lookahead():
     assert sched.period_for(0.5, -0.5, horizon_factor=0.5) == 4  # exactly 4: floor, not clamped
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"c": 0.0}, "`c`"), ({"c": float("inf")}, "`c`"), ({"min_period": 0}, "min_period"),
+    ({"c": 0.0}, "invalid c=0.0"), ({"c": float("inf")}, "invalid c=inf"), ({"min_period": 0}, "min_period"),
     ({"min_period": 5, "max_period": 3}, "max_period"), ({"default_period": 10_000}, "default_period"),
     ({"max_period": 2.5}, "max_period"),
 ])

@@ -37,15 +37,13 @@ import os
 # One thread: the box is a shared 2-core CPU, and a DDP-family strategy would otherwise set torch to cpu_count threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
 import math
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from _plot import DEFAULT_OUT, emit, plt
+from _plot import emit, plt, save_figure, script_args, smooth
 
 from lightning_opt.examples import CharDataModule, CharTransformerLM
 from lightning_opt.optim import ACClip, ClippedSGD
@@ -143,31 +141,10 @@ def train(method: str, lr: float, seed: int, steps: int, eval_every: int, val_ba
     }
 
 
-def smooth(xs: list[float], beta: float = 0.9) -> list[float]:
-    out: list[float] = []
-    for x in xs:
-        out.append(x if not out else beta * out[-1] + (1 - beta) * x)
-    return out
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3 full / 1 quick)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    # a diverging sweep point makes ACClip skip every later step with a warning; its loss is recorded anyway
-    warnings.filterwarnings("ignore", message=".*non-finite gradient.*", category=RuntimeWarning)
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    quick = args.quick
-    seeds = list(range(args.seeds or (1 if quick else 3)))
-    steps, sweep_steps = (40, 10) if quick else (400, 120)  # quick: a one-point "grid", the sweep only runs the code
-    eval_every, val_batches = (20, 2) if quick else (50, 10)
-    methods = METHODS if quick else METHODS + WARMUP_METHODS
-    grid = {m: (LR_GRID[m][1],) for m in methods} if quick else {m: LR_GRID[m] for m in methods}
-
+def sweep_lrs(methods: tuple[str, ...], grid: dict[str, tuple[float, ...]], sweep_steps: int,
+              t0: float) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Each method's final training loss per lr of its grid (seed 0, ``sweep_steps`` steps; inf when it diverged) and
+    the lr with the lowest one."""
     sweep: dict[str, dict[str, float]] = {}
     best_lr: dict[str, float] = {}
     for m in methods:
@@ -178,6 +155,39 @@ def main() -> None:
         best = min(sweep[m], key=lambda k: sweep[m][k])
         best_lr[m] = float(best)
         print(f"[sweep] {m}: {sweep[m]} -> lr={best} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return sweep, best_lr
+
+
+def plot(methods: tuple[str, ...], runs: dict[str, list[dict]], best_lr: dict[str, float], png: Path) -> Path:
+    """Smoothed training loss and validation loss per method, one line per seed (warm-up variants dashed)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in methods:
+        ls = "--" if m.endswith("_warmup") else "-"
+        for i, r in enumerate(runs[m]):
+            lab = f"{m} (lr={best_lr[m]:g})" if i == 0 else None
+            axes[0].plot(range(1, len(r["train"]) + 1), smooth(r["train"]), color=COLORS[m], lw=1, ls=ls, alpha=0.8,
+                         label=lab)
+            axes[1].plot(r["val_steps"], r["val"], color=COLORS[m], marker="o", ms=3, lw=1, ls=ls, alpha=0.8, label=lab)
+    axes[0].set_title("train loss (EMA 0.9), char transformer, one line per seed")
+    axes[1].set_title("validation loss (nats/char)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylim(top=min(4.8, ax.get_ylim()[1]))
+        ax.legend(fontsize=7)
+    return save_figure(fig, png)
+
+
+def main() -> None:
+    # a diverging sweep point makes ACClip skip every later step with a warning (silenced); its loss is recorded anyway
+    args = script_args(__doc__, "tiny run for the smoke test", {"seeds": ("number of seeds", 1, 3)})
+    t0 = time.perf_counter()
+    quick = args.quick
+    seeds = list(range(args.seeds))
+    steps, sweep_steps = (40, 10) if quick else (400, 120)  # quick: a one-point "grid", the sweep only runs the code
+    eval_every, val_batches = (20, 2) if quick else (50, 10)
+    methods = METHODS if quick else METHODS + WARMUP_METHODS
+    grid = {m: (LR_GRID[m][1],) for m in methods} if quick else {m: LR_GRID[m] for m in methods}
+    sweep, best_lr = sweep_lrs(methods, grid, sweep_steps, t0)
 
     runs: dict[str, list[dict]] = {}
     results: dict[str, dict] = {}
@@ -197,40 +207,17 @@ def main() -> None:
         }
         print(f"[train] {m}: val {fv} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    order = sorted(methods, key=lambda m: results[m]["final_val_mean"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in methods:
-        ls = "--" if m.endswith("_warmup") else "-"
-        for i, r in enumerate(runs[m]):
-            lab = f"{m} (lr={best_lr[m]:g})" if i == 0 else None
-            axes[0].plot(range(1, len(r["train"]) + 1), smooth(r["train"]), color=COLORS[m], lw=1, ls=ls, alpha=0.8,
-                         label=lab)
-            axes[1].plot(r["val_steps"], r["val"], color=COLORS[m], marker="o", ms=3, lw=1, ls=ls, alpha=0.8, label=lab)
-    axes[0].set_title("train loss (EMA 0.9), char transformer, one line per seed")
-    axes[1].set_title("validation loss (nats/char)")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.set_ylim(top=min(4.8, ax.get_ylim()[1]))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = args.out / "repro_charlm_clipping.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-    emit(
-        {
-            "claim": "thesis §4.6.1 / Fig. 4-3a",
-            "quick": quick,
-            "steps": steps,
-            "warmup_steps": WARMUP,
-            "seeds": len(seeds),
-            "lr_sweep": sweep,
-            "results": results,
-            "ranking_by_val": order,
-            "png": str(png),
-            "seconds": time.perf_counter() - t0,
-        }
-    )
+    png = plot(methods, runs, best_lr, args.out / "repro_charlm_clipping.png")
+    emit({
+        "claim": "thesis §4.6.1 / Fig. 4-3a",
+        "quick": quick,
+        "steps": steps,
+        "warmup_steps": WARMUP,
+        "seeds": len(seeds),
+        "lr_sweep": sweep,
+        "results": results,
+        "ranking_by_val": sorted(methods, key=lambda m: results[m]["final_val_mean"]),
+    }, png=png, t0=t0)
 
 
 if __name__ == "__main__":

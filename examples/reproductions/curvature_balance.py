@@ -30,10 +30,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _plot import emit, plt, script_args
+from _plot import emit, plt, save_figure, script_args
 from torch import nn
 
 from lightning_opt.examples.data import load_digits_tensors
@@ -136,29 +137,8 @@ def during_training(width: int, epochs: int, x: torch.Tensor, y: torch.Tensor, x
     return hist
 
 
-def main() -> None:
-    args = script_args(__doc__, "tiny run for the smoke test")
-    t0 = time.perf_counter()
-    quick = args.quick
-    widths = [32, 128] if quick else [32, 64, 128, 256, 512]
-    seeds = list(range(2 if quick else 5))
-    epochs = 4 if quick else 40
-    max_iter = 60 if quick else 100
-    train_width = 64 if quick else 128
-
-    images, labels = load_digits_tensors()
-    x_all = images.reshape(images.shape[0], -1)
-    perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(0))
-    # the probe batch is a fixed batch *of the training set* (paper appendix I: "a small batch of training dataset")
-    xb, yb = x_all[perm[:PROBE]], labels[perm[:PROBE]]
-    x_tr, y_tr = x_all, labels
-
-    init = at_init(widths, seeds, xb, yb, max_iter)
-    print(f"[init] done ({time.perf_counter() - t0:.0f}s)", flush=True)
-    train = during_training(train_width, epochs, x_tr, y_tr, xb, yb, max_iter, seed=0)
-    print(f"[train] ratio epoch 0 {train['ratio'][0]:.4f} -> epoch {epochs} {train['ratio'][-1]:.4f} "
-          f"(train acc {train['train_acc'][-1]:.3f}) ({time.perf_counter() - t0:.0f}s)", flush=True)
-
+def plot(init: dict[str, dict], train: dict[str, list], widths: list[int], train_width: int, png: Path) -> Path:
+    """|λ_min| against λ_max at initialisation, their ratio against width, and both during training."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     ax = axes[0]
     for loss, c in (("ce", "tab:blue"), ("linear", "tab:red")):
@@ -202,12 +182,34 @@ def main() -> None:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
-    fig.suptitle("Curvature paper Fig. 3 / Fig. 6 at toy scale: ReLU MLP on digits")
-    fig.tight_layout()
-    png = args.out / ("repro_curvature_quick.png" if quick else "repro_curvature_balance.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, png, suptitle="Curvature paper Fig. 3 / Fig. 6 at toy scale: ReLU MLP on digits")
 
+
+def main() -> None:
+    args = script_args(__doc__, "tiny run for the smoke test")
+    t0 = time.perf_counter()
+    quick = args.quick
+    widths = [32, 128] if quick else [32, 64, 128, 256, 512]
+    seeds = list(range(2 if quick else 5))
+    epochs = 4 if quick else 40
+    max_iter = 60 if quick else 100
+    train_width = 64 if quick else 128
+
+    images, labels = load_digits_tensors()
+    x_all = images.reshape(images.shape[0], -1)
+    perm = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(0))
+    # the probe batch is a fixed batch *of the training set* (paper appendix I: "a small batch of training dataset")
+    xb, yb = x_all[perm[:PROBE]], labels[perm[:PROBE]]
+    x_tr, y_tr = x_all, labels
+
+    init = at_init(widths, seeds, xb, yb, max_iter)
+    print(f"[init] done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    train = during_training(train_width, epochs, x_tr, y_tr, xb, yb, max_iter, seed=0)
+    print(f"[train] ratio epoch 0 {train['ratio'][0]:.4f} -> epoch {epochs} {train['ratio'][-1]:.4f} "
+          f"(train acc {train['train_acc'][-1]:.3f}) ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    png = plot(init, train, widths, train_width,
+               args.out / ("repro_curvature_quick.png" if quick else "repro_curvature_balance.png"))
     emit({
         "claim": "curvature paper Fig. 3/6: cross-entropy biases the Hessian to positive curvature (linear loss does "
                  "not), and the imbalance grows during training",
@@ -215,9 +217,7 @@ def main() -> None:
                    "probe_batch": PROBE, "train_width": train_width, "depth": 2},
         "init": init,
         "training": train,
-        "png": str(png),
-        "seconds": time.perf_counter() - t0,
-    })
+    }, png=png, t0=t0)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,13 @@ import os
 # One thread: the box is a shared 2-core CPU, and a DDP-family strategy would otherwise set torch to cpu_count threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
 import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _plot import DEFAULT_OUT, emit, loglog_slope, plt
+from _plot import emit, loglog_slope, plt, save_figure, script_args
 from torch import nn
 
 from lightning_opt.examples import load_digits_tensors
@@ -212,18 +211,51 @@ def summarize_network(runs: list[dict], alpha: float, steps: int) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------- plot
+def plot(quad: dict[str, dict], net_curves: dict[str, dict], alphas: tuple[float, ...],
+         net_alphas: tuple[float, ...], d: int, png: Path) -> Path:
+    """Top row: the quadratic's mean and median f(x̄_k) − f* per method with Thm 4.4.2's slope; bottom row: the
+    network's full-batch loss per run."""
+    na = len(alphas)
+    fig, axes = plt.subplots(2, max(na, len(net_alphas)), figsize=(4.2 * max(na, len(net_alphas)), 7.5), squeeze=False)
+    for j, a in enumerate(alphas):
+        ax = axes[0][j]
+        q = quad[str(a)]
+        for m in QUAD_METHODS:
+            ax.loglog(q["k"], q[m]["curve_mean"], color=COLORS[m], label=f"{m} mean")
+            ax.loglog(q["k"], q[m]["curve_median"], color=COLORS[m], ls="--", lw=1, label=f"{m} median")
+        kk = q["k"][len(q["k"]) // 3 :]
+        ref = q["gclip"]["curve_median"][len(q["k"]) // 3]
+        ax.loglog(kk, [ref * (k / kk[0]) ** q["theory_slope_f"] for k in kk], color="k", ls=":",
+                  label=f"k^{q['theory_slope_f']:.2f} (Thm 4.4.2)")
+        ax.set_title(f"quadratic d={d}, α={a}")
+        ax.set_xlabel("step k")
+        ax.set_ylabel("f(x̄_k) - f*")
+        if j == 0:
+            ax.legend(fontsize=6, ncol=2)
+    for j in range(na, axes.shape[1]):
+        axes[0][j].axis("off")
+    for j, a in enumerate(net_alphas):
+        ax = axes[1][j]
+        for m in NET_METHODS:
+            for i, r in enumerate(net_curves[str(a)][m]):
+                ys = [min(v, 1e3) for v in r["loss"]]
+                ax.semilogy(r["steps"][: len(ys)], ys, color=COLORS[m], alpha=0.6, lw=1, label=m if i == 0 else None)
+        ax.set_title(f"MLP on digits + α-stable noise, α={a}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("full-batch train loss (capped 1e3)")
+        ax.legend(fontsize=7)
+    for j in range(len(net_alphas), axes.shape[1]):
+        axes[1][j].axis("off")
+    return save_figure(fig, png)
+
+
 # --------------------------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 30 full / 6 quick)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = script_args(__doc__, "tiny run for the smoke test", {"seeds": ("number of seeds", 6, 30)})
     t0 = time.perf_counter()
     quick = args.quick
-    n_seeds = args.seeds or (6 if quick else 30)
+    n_seeds = args.seeds
     seeds = list(range(n_seeds))
     d = 10
     k_max = 1000 if quick else 10_000
@@ -250,49 +282,8 @@ def main() -> None:
             net_curves[str(a)][m] = runs
         print(f"[network] alpha={a} done at {time.perf_counter() - t0:.0f}s", flush=True)
 
-    # ------------------------------------------------------------------ plot
-    na = len(alphas)
-    fig, axes = plt.subplots(2, max(na, len(net_alphas)), figsize=(4.2 * max(na, len(net_alphas)), 7.5), squeeze=False)
-    for j, a in enumerate(alphas):
-        ax = axes[0][j]
-        q = quad[str(a)]
-        for m in QUAD_METHODS:
-            ax.loglog(q["k"], q[m]["curve_mean"], color=COLORS[m], label=f"{m} mean")
-            ax.loglog(q["k"], q[m]["curve_median"], color=COLORS[m], ls="--", lw=1, label=f"{m} median")
-        kk = q["k"][len(q["k"]) // 3 :]
-        ref = q["gclip"]["curve_median"][len(q["k"]) // 3]
-        ax.loglog(
-            kk,
-            [ref * (k / kk[0]) ** q["theory_slope_f"] for k in kk],
-            color="k",
-            ls=":",
-            label=f"k^{q['theory_slope_f']:.2f} (Thm 4.4.2)",
-        )
-        ax.set_title(f"quadratic d={d}, α={a}")
-        ax.set_xlabel("step k")
-        ax.set_ylabel("f(x̄_k) - f*")
-        if j == 0:
-            ax.legend(fontsize=6, ncol=2)
-    for j in range(na, axes.shape[1]):
-        axes[0][j].axis("off")
-    for j, a in enumerate(net_alphas):
-        ax = axes[1][j]
-        for m in NET_METHODS:
-            for i, r in enumerate(net_curves[str(a)][m]):
-                ys = [min(v, 1e3) for v in r["loss"]]
-                ax.semilogy(r["steps"][: len(ys)], ys, color=COLORS[m], alpha=0.6, lw=1, label=m if i == 0 else None)
-        ax.set_title(f"MLP on digits + α-stable noise, α={a}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("full-batch train loss (capped 1e3)")
-        ax.legend(fontsize=7)
-    for j in range(len(net_alphas), axes.shape[1]):
-        axes[1][j].axis("off")
-    fig.tight_layout()
-    png = args.out / "repro_heavy_tail_clipping.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-    summary = {
+    png = plot(quad, net_curves, alphas, net_alphas, d, args.out / "repro_heavy_tail_clipping.png")
+    emit({
         "claim": "thesis Remark 4.4.1 / Table 4.1",
         "quick": quick,
         "quadratic": {
@@ -307,10 +298,7 @@ def main() -> None:
         "network_cfg": cfg,
         "seeds": n_seeds,
         "k_max": k_max,
-        "png": str(png),
-        "seconds": time.perf_counter() - t0,
-    }
-    emit(summary)
+    }, png=png, t0=t0)
 
 
 if __name__ == "__main__":

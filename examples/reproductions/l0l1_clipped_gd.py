@@ -53,7 +53,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -62,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _plot import DEFAULT_OUT, emit, loglog_slope, plt
+from _plot import emit, loglog_slope, plt, script_args
 
 from lightning_opt.optim import ClippedSGD, NormalizedSGD
 
@@ -486,22 +485,12 @@ def plot(out: Path, results: dict, traces: dict, dpi: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="4 starts per function (smoke test)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    ap.add_argument("--torch-cap", type=int, default=None,
-                    help="cross-check GD runs of at most this many steps with torch.optim.SGD "
-                         "(default 10000 full / 1000 quick)")
-    return ap.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = script_args(__doc__, "4 starts per function (smoke test)",
+                       {"torch-cap": ("cross-check GD runs of at most this many steps with torch.optim.SGD",
+                                      1_000, 10_000)})
     t0 = time.perf_counter()
-    torch_cap = args.torch_cap or (1_000 if args.quick else 10_000)
+    torch_cap = args.torch_cap
     results, traces = {}, {}
     for p in PROBLEMS:
         results[p.name], traces[p.name] = run_problem(p, args.quick, torch_cap, t0)
@@ -513,9 +502,7 @@ def main() -> None:
         "quick": args.quick,
         "config": {"eps": EPS, "torch_cap": torch_cap},
         "problems": results,
-        "png": str(png),
-        "seconds": time.perf_counter() - t0,
-    })
+    }, png=png, t0=t0)
 
 
 if __name__ == "__main__":

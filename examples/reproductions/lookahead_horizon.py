@@ -34,17 +34,14 @@ import os
 # One thread: the box is a shared 2-core CPU, and a DDP-family strategy would otherwise set torch to cpu_count threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
-import logging
 import statistics
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from _plot import DEFAULT_OUT, emit, plt
+from _plot import emit, plt, save_figure, script_args
 from pytorch_lightning.callbacks import Callback
 
 from lightning_opt.examples import DigitsDataModule, ImageClassifier
@@ -140,70 +137,46 @@ def run(method: str, seed: int, epochs: int, image_size: int) -> Recorder:
     return rec
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2 full / 1 quick)")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs (default 50 full / 5 quick)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*too few.*")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    quick = args.quick
-    seeds = list(range(args.seeds or (1 if quick else 2)))
-    epochs = args.epochs or (5 if quick else 50)
-    image_size = 8
+def summarise(m: str, runs: list[list[dict]], rec: Recorder) -> dict:
+    """Method ``m``'s numbers over its seeds (``runs``: per-epoch rows per seed); schedules and syncs from seed 0."""
+    last = [r[-1] for r in runs]
+    best = [max(row["val_acc"] for row in r) for r in runs]
+    out = {
+        "final_val_acc": [row["val_acc"] for row in last],
+        "final_val_loss": [row["val_loss"] for row in last],
+        "final_train_loss": [row["train_loss"] for row in last],
+        "final_val_acc_mean": statistics.fmean(row["val_acc"] for row in last),
+        "final_val_loss_mean": statistics.fmean(row["val_loss"] for row in last),
+        "final_train_loss_mean": statistics.fmean(row["train_loss"] for row in last),
+        "best_val_acc_mean": statistics.fmean(best),
+        "periods": sorted({row["period"] for row in runs[0] if row["period"] is not None}),
+        "syncs": runs[0][-1]["syncs"],
+    }
+    # synchronisations per lr phase (from the per-epoch sync counter)
+    phases: dict[str, int] = {}
+    prev = 0
+    for lr in sorted({row["lr"] for row in runs[0]}, reverse=True):
+        rows = [row for row in runs[0] if row["lr"] == lr]
+        if rows and rows[-1]["syncs"] is not None:
+            phases[f"{lr:.4g}"] = rows[-1]["syncs"] - prev
+            prev = rows[-1]["syncs"]
+    out["syncs_per_lr_phase"] = phases
+    # which horizons were actually exercised: a τ counts once a period of that length has ended in a sync
+    if m != "sgd":
+        last_sync = rec.sync_log[-1][0] if rec.sync_log else 0
+        completed = Counter(tau for _, tau in rec.sync_log)
+        out["completed_periods_by_tau"] = {str(k): v for k, v in sorted(completed.items())}
+        out["last_sync_step"] = last_sync
+        out["slow_weights_age_at_end"] = rec.total_steps - last_sync
+    out["total_steps"] = rec.total_steps
+    last_lr = min(row["lr"] for row in runs[0])
+    out["last_phase_val_loss"] = [[row["val_loss"] for row in r if row["lr"] == last_lr] for r in runs]
+    out["last_phase_val_acc"] = [[row["val_acc"] for row in r if row["lr"] == last_lr] for r in runs]
+    return out
 
-    runs: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
-    recs: dict[str, list[Recorder]] = {m: [] for m in METHODS}
-    for m in METHODS:
-        for s in seeds:
-            recs[m].append(run(m, s, epochs, image_size))
-            runs[m].append(recs[m][-1].rows)
-            print(f"[{m} seed {s}] final {runs[m][-1][-1]} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    results: dict[str, dict] = {}
-    for m in METHODS:
-        last = [r[-1] for r in runs[m]]
-        best = [max(row["val_acc"] for row in r) for r in runs[m]]
-        results[m] = {
-            "final_val_acc": [row["val_acc"] for row in last],
-            "final_val_loss": [row["val_loss"] for row in last],
-            "final_train_loss": [row["train_loss"] for row in last],
-            "final_val_acc_mean": statistics.fmean(row["val_acc"] for row in last),
-            "final_val_loss_mean": statistics.fmean(row["val_loss"] for row in last),
-            "final_train_loss_mean": statistics.fmean(row["train_loss"] for row in last),
-            "best_val_acc_mean": statistics.fmean(best),
-            "periods": sorted({row["period"] for row in runs[m][0] if row["period"] is not None}),
-            "syncs": runs[m][0][-1]["syncs"],
-        }
-        # synchronisations per lr phase (from the per-epoch sync counter)
-        phases: dict[str, int] = {}
-        prev = 0
-        for lr in sorted({row["lr"] for row in runs[m][0]}, reverse=True):
-            rows = [row for row in runs[m][0] if row["lr"] == lr]
-            if rows and rows[-1]["syncs"] is not None:
-                phases[f"{lr:.4g}"] = rows[-1]["syncs"] - prev
-                prev = rows[-1]["syncs"]
-        results[m]["syncs_per_lr_phase"] = phases
-        # which horizons were actually exercised: a τ counts once a period of that length has ended in a sync
-        rec = recs[m][0]
-        if m != "sgd":
-            last_sync = rec.sync_log[-1][0] if rec.sync_log else 0
-            results[m]["completed_periods_by_tau"] = {
-                str(k): v for k, v in sorted(Counter(tau for _, tau in rec.sync_log).items())}
-            results[m]["last_sync_step"] = last_sync
-            results[m]["slow_weights_age_at_end"] = rec.total_steps - last_sync
-        results[m]["total_steps"] = rec.total_steps
-        last_lr = min(row["lr"] for row in runs[m][0])
-        results[m]["last_phase_val_loss"] = [[row["val_loss"] for row in r if row["lr"] == last_lr] for r in runs[m]]
-        results[m]["last_phase_val_acc"] = [[row["val_acc"] for row in r if row["lr"] == last_lr] for r in runs[m]]
-
+def plot(runs: dict[str, list[list[dict]]], recs: dict[str, list[Recorder]], n_seeds: int, png: Path) -> Path:
+    """Validation accuracy and loss, training loss, and the scheduled vs completed periods τ, per epoch."""
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for m in METHODS:
         for i, r in enumerate(runs[m]):
@@ -228,22 +201,31 @@ def main() -> None:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
-    fig.suptitle(f"digits 8x8, test_efficientnet, {len(seeds)} seed(s), lr0={LR0}, τ0={TAU0}, α={ALPHA}")
-    fig.tight_layout()
-    png = args.out / "repro_lookahead_horizon.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    emit(
-        {
-            "claim": "curvature paper Fig. H.1 / Alg. 3",
-            "quick": quick,
-            "epochs": epochs,
-            "seeds": len(seeds),
-            "results": results,
-            "png": str(png),
-            "seconds": time.perf_counter() - t0,
-        }
-    )
+    return save_figure(fig, png, suptitle=f"digits 8x8, test_efficientnet, {n_seeds} seed(s), lr0={LR0}, "
+                                          f"τ0={TAU0}, α={ALPHA}")
+
+
+def main() -> None:
+    args = script_args(__doc__, "tiny run for the smoke test",
+                       {"seeds": ("number of seeds", 1, 2), "epochs": ("epochs", 5, 50)})
+    t0 = time.perf_counter()
+    quick = args.quick
+    seeds = list(range(args.seeds))
+    epochs = args.epochs
+    image_size = 8
+
+    runs: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+    recs: dict[str, list[Recorder]] = {m: [] for m in METHODS}
+    for m in METHODS:
+        for s in seeds:
+            recs[m].append(run(m, s, epochs, image_size))
+            runs[m].append(recs[m][-1].rows)
+            print(f"[{m} seed {s}] final {runs[m][-1][-1]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    results = {m: summarise(m, runs[m], recs[m][0]) for m in METHODS}
+
+    png = plot(runs, recs, len(seeds), args.out / "repro_lookahead_horizon.png")
+    emit({"claim": "curvature paper Fig. H.1 / Alg. 3", "quick": quick, "epochs": epochs, "seeds": len(seeds),
+          "results": results}, png=png, t0=t0)
 
 
 if __name__ == "__main__":

@@ -44,20 +44,17 @@ import os
 # One thread: the box is a shared 2-core CPU, and a DDP-family strategy would otherwise set torch to cpu_count threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
 import json
-import logging
 import math
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from _plot import DEFAULT_OUT, emit, plt
+from _plot import emit, plt, script_args
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_opt.strategies import EASGDStrategy, LSGDStrategy
@@ -260,17 +257,10 @@ def plot(data: dict[str, dict[str, np.ndarray]], png: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="120 steps, only the two Table 1 runs (smoke test)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 full / 120 quick)")
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    steps = args.steps or (120 if args.quick else 1000)
+    args = script_args(__doc__, "120 steps, only the two Table 1 runs (smoke test)",
+                       {"steps": ("optimizer steps", 120, 1000)}, argv)
+    steps = args.steps
     runs = ["easgd", "lsgd"] if args.quick else list(RUNS)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -291,8 +281,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(1)
     main()

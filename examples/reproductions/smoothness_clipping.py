@@ -30,13 +30,12 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse
 import math
 import time
 from pathlib import Path
 
 import torch
-from _plot import DEFAULT_OUT, emit, plt
+from _plot import emit, plt, save_figure, script_args, smooth
 
 from lightning_opt.examples import CharDataModule, CharTransformerLM
 from lightning_opt.optim import ClippedSGD
@@ -161,25 +160,10 @@ def analyse(run: dict, skip: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per setting (default 400 full / 40 quick)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    quick = args.quick
-    steps = args.steps or (40 if quick else 400)
-    sweep_steps = 30 if quick else 100
-    probe_batches = 2
-    skip = 0 if quick else 5  # the first few steps from the random init are not part of the trajectory picture
-    seed = 0
-
-    # lr for the unclipped baseline: the best stable lr of a small grid (thesis: "without clipping, the
-    # optimizer has to adopt a small learning rate ... otherwise the sequence diverges").
-    grid = SGD_GRID[:2] if quick else SGD_GRID
+def pick_small_lr(grid: tuple[float, ...], sweep_steps: int, seed: int, probe_batches: int,
+                  t0: float) -> tuple[dict[str, float], float]:
+    """The lr of the unclipped baseline: the best stable lr of a small grid (thesis: "without clipping, the
+    optimizer has to adopt a small learning rate ... otherwise the sequence diverges")."""
     sweep = {}
     for lr in grid:
         r = train("sgd", lr, sweep_steps, seed, probe_batches, measure=False)
@@ -187,12 +171,12 @@ def main() -> None:
         print(f"[sweep] sgd lr={lr:g}: final train {r['final_train']:.3f} ({time.perf_counter() - t0:.0f}s)",
               flush=True)
     stable = [lr for lr in grid if math.isfinite(sweep[f"{lr:g}"])]
-    small_lr = min(stable, key=lambda lr: sweep[f"{lr:g}"]) if stable else SGD_GRID[0]
-    plain_at_large = train("sgd", LARGE_LR, sweep_steps, seed, probe_batches, measure=False)
-    print(f"[sweep] sgd at the large lr {LARGE_LR:g}: diverged={plain_at_large['diverged']} "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return sweep, min(stable, key=lambda lr: sweep[f"{lr:g}"]) if stable else SGD_GRID[0]
 
-    lrs = {"clip_large": LARGE_LR, "sgd_small": small_lr, "clip_small": small_lr}
+
+def run_settings(lrs: dict[str, float], steps: int, seed: int, probe_batches: int, skip: int,
+                 t0: float) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The three Fig. 3-2 settings at their lrs: each one's measured trajectory and its correlations and fit."""
     runs, results = {}, {}
     for name in SETTINGS:
         kind = "sgd" if name == "sgd_small" else "clip"
@@ -202,7 +186,12 @@ def main() -> None:
         print(f"[{name}] lr={lrs[name]:g} corr(log)={r['pearson_log']:.3f} spearman={r['spearman']:.3f} "
               f"L0={r['L0']:.3g} L1={r['L1']:.3g} final={r['final_train_loss']:.3f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return runs, results
 
+
+def plot(runs: dict[str, dict], results: dict[str, dict], lrs: dict[str, float], skip: int, png: Path) -> Path:
+    """Fig. 3-2 style: one log-log scatter (coloured by iteration) with the (L0, L1) fit per setting, then the
+    smoothed training losses."""
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
     for ax, name in zip(axes[:3], SETTINGS, strict=True):
         run, res = runs[name], results[name]
@@ -223,22 +212,36 @@ def main() -> None:
         fig.colorbar(sc, ax=ax, label="iteration")
     ax = axes[3]
     for name, c in zip(SETTINGS, ("tab:blue", "tab:red", "tab:orange"), strict=True):
-        tl = runs[name]["train_loss"]
-        sm, out = None, []
-        for v in tl:
-            sm = v if sm is None else 0.9 * sm + 0.1 * v
-            out.append(sm)
-        ax.plot(out, color=c, label=TITLES[name].format(lr=lrs[name]))
+        ax.plot(smooth(runs[name]["train_loss"]), color=c, label=TITLES[name].format(lr=lrs[name]))
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (EMA 0.9)")
     ax.legend(fontsize=8)
     ax.set_title("training loss", fontsize=9)
-    fig.suptitle("Thesis Fig. 3-2 at toy scale: char-level Transformer LM, gradient norm vs local smoothness")
-    fig.tight_layout()
-    png = args.out / ("repro_smoothness_quick.png" if quick else "repro_smoothness_clipping.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, png, suptitle="Thesis Fig. 3-2 at toy scale: char-level Transformer LM, gradient norm "
+                                          "vs local smoothness")
 
+
+def main() -> None:
+    args = script_args(__doc__, "tiny run for the smoke test",
+                       {"steps": ("training steps per setting", 40, 400)})
+    t0 = time.perf_counter()
+    quick = args.quick
+    steps = args.steps
+    sweep_steps = 30 if quick else 100
+    probe_batches = 2
+    skip = 0 if quick else 5  # the first few steps from the random init are not part of the trajectory picture
+    seed = 0
+
+    grid = SGD_GRID[:2] if quick else SGD_GRID
+    sweep, small_lr = pick_small_lr(grid, sweep_steps, seed, probe_batches, t0)
+    plain_at_large = train("sgd", LARGE_LR, sweep_steps, seed, probe_batches, measure=False)
+    print(f"[sweep] sgd at the large lr {LARGE_LR:g}: diverged={plain_at_large['diverged']} "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    lrs = {"clip_large": LARGE_LR, "sgd_small": small_lr, "clip_small": small_lr}
+    runs, results = run_settings(lrs, steps, seed, probe_batches, skip, t0)
+    png = plot(runs, results, lrs, skip,
+               args.out / ("repro_smoothness_quick.png" if quick else "repro_smoothness_clipping.png"))
     emit({
         "claim": "thesis Fig. 3-1/3-2: local smoothness correlates with gradient norm along training, most visibly "
                  "with clipping at a large step size",
@@ -248,9 +251,7 @@ def main() -> None:
         "sgd_sweep_final_train": sweep,
         "sgd_at_large_lr_diverged": plain_at_large["diverged"],
         "settings": results,
-        "png": str(png),
-        "seconds": time.perf_counter() - t0,
-    })
+    }, png=png, t0=t0)
 
 
 if __name__ == "__main__":

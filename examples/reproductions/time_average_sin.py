@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_opt.callbacks.time_average import TimeAverageMonitor
+from lightning_opt.examples.sin import SinModule, sin_objective
 from lightning_opt.stats.averages import batch_means_ci
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,33 +63,6 @@ ETA_GRID = (0.04, 0.038, 0.035, 0.032, 0.03, 0.028, 0.025, 0.022, 0.02, 0.01, 0.
 def gain_window(steps: int) -> int:
     """2/5 of the run: 800 of 2,000 steps, so the first plateau check (step 800) comes after the η = 0.04 transient."""
     return max(50, 2 * steps // 5)
-
-
-def objective(theta: torch.Tensor) -> torch.Tensor:
-    return 100.0 * torch.sin(theta[..., 0]) * torch.sin(theta[..., 1])
-
-
-class SinGD(pl.LightningModule):
-    """f(θ1, θ2) = 100 sin θ1 sin θ2 with full-batch gradient descent (the batch is a dummy)."""
-
-    def __init__(self, lr: float, steps: int) -> None:
-        super().__init__()
-        self.lr, self.steps = lr, steps
-        self.theta = nn.Parameter(torch.tensor(THETA0, dtype=torch.float64))
-
-    def training_step(self, batch, batch_idx):
-        loss = objective(self.theta)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=1)
-        return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("grad/norm", self.theta.grad.norm(), on_step=True, on_epoch=False, batch_size=1)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.zeros(self.steps)), batch_size=1)
 
 
 class Recorder(Callback):
@@ -115,7 +89,7 @@ class Recorder(Callback):
 
 
 def run(lr: float, steps: int, plateau: str) -> tuple[list[dict[str, float]], TimeAverageMonitor]:
-    model = SinGD(lr, steps)
+    model = SinModule(lr, THETA0, steps)  # the batch is a dummy c = 0: the loss is f
     # the gain (one extra forward per step) only for the plateau test; the analysis replays it from the losses
     monitor = TimeAverageMonitor(gain_every=0 if plateau == "off" else 1, gain_window=gain_window(steps),
                                  gain_batches=GAIN_BATCHES, patience=PATIENCE, grad_tol=GRAD_TOL, plateau=plateau,
@@ -202,10 +176,10 @@ def first_firing(checks: dict[int, bool]) -> int | None:
 def one_step_change(thetas: torch.Tensor, lr: float) -> float:
     """E_μ[L(θ − lr·∇L(θ))] − E_μ[L(θ)] over the empirical measure of ``thetas`` (Thm 6.5.1's quantity)."""
     th = thetas.clone().requires_grad_(True)
-    loss = objective(th)
+    loss = sin_objective(th)
     (grad,) = torch.autograd.grad(loss.sum(), th)
     with torch.no_grad():
-        return float(objective(th - lr * grad).mean() - loss.mean())
+        return float(sin_objective(th - lr * grad).mean() - loss.mean())
 
 
 def continue_gd(theta: tuple[float, float], lrs: tuple[float, ...], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,12 +189,29 @@ def continue_gd(theta: tuple[float, float], lrs: tuple[float, ...], steps: int) 
     losses, grads = [], []
     for _ in range(steps):
         th.requires_grad_(True)
-        loss = objective(th)
+        loss = sin_objective(th)
         (g,) = torch.autograd.grad(loss.sum(), th)
         losses.append(loss.detach())
         grads.append(g.norm(dim=1))
         th = (th.detach() - lr * g).detach()
     return torch.stack(losses), torch.stack(grads)
+
+
+def report_replays(hot: list[dict[str, float]], settle: int, steps: int) -> dict[int, dict[int, bool]]:
+    """The plateau checks replayed on the η = 0.04 run for a short and the configured gain window: how many were
+    positive before and after the settling step, and when the monitor would fire."""
+    replays = {w: replay_checks(hot, w) for w in sorted({50, gain_window(steps)})}
+    for w, checks in replays.items():
+        before = [ok for t, ok in checks.items() if t < settle]
+        after = [ok for t, ok in checks.items() if t >= settle]
+        fire = first_firing(checks)
+
+        def frac(xs: list[bool]) -> str:
+            return f"{sum(xs)}/{len(xs)}" if xs else "none"
+
+        print(f"  gain_window {w}: positive checks before step {settle}: {frac(before)}, from it on: {frac(after)}; "
+              f"first plateau (patience {PATIENCE}) at step {fire}")
+    return replays
 
 
 def analyse_decay(hot: list[dict[str, float]], dec: list[dict[str, float]], monitor: TimeAverageMonitor,
@@ -233,17 +224,7 @@ def analyse_decay(hot: list[dict[str, float]], dec: list[dict[str, float]], moni
           f"step {settle}; before that its range is [{min(r['loss'] for r in hot[:settle]):.2f}, "
           f"{max(r['loss'] for r in hot[:settle]):.2f}] (chaotic transient)")
     out: dict[str, float] = {"settled_from": settle}
-    replays = {w: replay_checks(hot, w) for w in sorted({50, gain_window(steps)})}
-    for w, checks in replays.items():
-        before = [ok for t, ok in checks.items() if t < settle]
-        after = [ok for t, ok in checks.items() if t >= settle]
-        fire = first_firing(checks)
-
-        def frac(xs: list[bool]) -> str:
-            return f"{sum(xs)}/{len(xs)}" if xs else "none"
-
-        print(f"  gain_window {w}: positive checks before step {settle}: {frac(before)}, from it on: {frac(after)}; "
-              f"first plateau (patience {PATIENCE}) at step {fire}")
+    replays = report_replays(hot, settle, steps)
     ev = monitor.events[0] if monitor.events else None
     if ev is None:
         print("  the decay_lr run declared no plateau")
@@ -262,7 +243,7 @@ def analyse_decay(hot: list[dict[str, float]], dec: list[dict[str, float]], moni
     mu = torch.tensor([[r["theta1"], r["theta2"]] for r in hot[min(settle, n // 2):]], dtype=torch.float64)
     grad2 = float(torch.tensor([r["grad"] ** 2 for r in hot[min(settle, n // 2):]]).mean())
     print(f"\n[Thm 6.5.1, one step from μ = empirical measure of η = 0.04, steps {min(settle, n // 2) + 1}..{n}] "
-          f"E_μ L = {float(objective(mu).mean()):.3f}, E_μ‖∇L‖² = {grad2:.0f}")
+          f"E_μ L = {float(sin_objective(mu).mean()):.3f}, E_μ‖∇L‖² = {grad2:.0f}")
     print(f"  {'η′':>6}  E_μ[L(θ − η′∇L)] − E_μ[L]   | GD continued from step {s} with η′ for {n - s} steps: "
           "mean loss (vs η = 0.04: same steps), last quarter: mean, range, mean ‖∇L‖")
     ref = sum(r["loss"] for r in hot[s:]) / (n - s)
@@ -295,10 +276,7 @@ def analyse_decay(hot: list[dict[str, float]], dec: list[dict[str, float]], moni
 
 
 def plot(results: list[tuple[str, list[dict[str, float]]]], path: Path, marks: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from _plot import plt, save_figure  # here: the --overhead mode draws nothing
 
     fig, axes = plt.subplots(len(results), 3, figsize=(15, 4.2 * len(results)), squeeze=False)
     for row, (name, rows) in zip(axes, results, strict=True):
@@ -331,11 +309,9 @@ def plot(results: list[tuple[str, list[dict[str, float]]]], path: Path, marks: d
                           label=f"η = 0.04 without decay: mean loss over the same steps ({ref:.1f})")
         for ax in row[1:]:
             ax.legend(loc="upper right", fontsize=7)
-    fig.suptitle("Thesis Fig. 6-5: GD on f = 100 sin θ1 sin θ2 (TimeAverageMonitor running averages)")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path,
+                suptitle="Thesis Fig. 6-5: GD on f = 100 sin θ1 sin θ2 (TimeAverageMonitor running averages)")
     print(f"\nwrote {path}")
 
 

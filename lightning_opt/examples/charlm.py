@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_opt.examples.data import _check_bool, _check_real
+from lightning_opt._validation import check_bool, check_float, check_int
 
 _LN2 = math.log(2.0)
 
@@ -56,22 +56,17 @@ class CharTransformerLM(pl.LightningModule):
         tie_weights: bool = True,
     ) -> None:
         super().__init__()
-        checks = [("vocab_size", vocab_size, 2)] if vocab_size is not None else []
-        for name, value, low in (
-            *checks,
-            ("d_model", d_model, 1),
-            ("n_layers", n_layers, 1),
-            ("n_heads", n_heads, 1),
-            ("block_size", block_size, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int("vocab_size", vocab_size, 2, optional=True)
+        check_int("d_model", d_model, 1)
+        check_int("n_layers", n_layers, 1)
+        check_int("n_heads", n_heads, 1)
+        check_int("block_size", block_size, 1)
         if d_model % n_heads:
             raise ValueError(f"d_model must be divisible by n_heads={n_heads}, got d_model={d_model}")
-        _check_real("dropout", dropout, 0.0, 1.0)
-        _check_real("lr", lr, 0.0, low_open=True)
-        _check_real("weight_decay", weight_decay, 0.0)
-        _check_bool("tie_weights", tie_weights)
+        check_float("dropout", dropout, 0.0, 1.0, high_open=True)
+        check_float("lr", lr, 0.0, low_open=True)
+        check_float("weight_decay", weight_decay)
+        check_bool("tie_weights", tie_weights)
         self.save_hyperparameters()
         self.block_size = block_size
         if vocab_size is not None:

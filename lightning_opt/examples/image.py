@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_opt.examples.data import _check_bool, _check_int, _check_real
+from lightning_opt._validation import check_bool, check_float, check_int
 
 DEFAULT_MODEL = "test_efficientnet"
 
@@ -111,13 +111,13 @@ class ImageClassifier(pl.LightningModule):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes, 2)
-        _check_real("lr", lr, 0.0, low_open=True)
-        _check_real("momentum", momentum, 0.0, 1.0)
-        _check_real("weight_decay", weight_decay, 0.0)
-        _check_int("in_chans", in_chans, 1)
-        _check_bool("pretrained", pretrained)
-        _check_bool("small_input", small_input)
+        check_int("num_classes", num_classes, 2)
+        check_float("lr", lr, 0.0, low_open=True)
+        check_float("momentum", momentum, 0.0, 1.0, high_open=True)
+        check_float("weight_decay", weight_decay)
+        check_int("in_chans", in_chans, 1)
+        check_bool("pretrained", pretrained)
+        check_bool("small_input", small_input)
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {model_kwargs!r}")
         if not timm.is_model(model_name):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_opt._validation import check_float, check_int
+from lightning_opt._validation import check_choice, check_float, check_int
 
 __all__ = ["LanczosResult", "lanczos_extreme_eigs", "power_iteration"]
 
@@ -72,12 +72,13 @@ def _normalise(v: Tensor) -> Tensor | None:
     return v / n
 
 
-def _random(dim: int, generator: torch.Generator | None, device, dtype) -> Tensor:
+def _random(dim: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.randn(dim, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
-def _start_vector(dim: int, v0: Tensor | None, warm_noise: float, generator, device, dtype) -> Tensor:
+def _start_vector(dim: int, v0: Tensor | None, warm_noise: float, generator: torch.Generator | None,
+                  device: torch.device, dtype: torch.dtype) -> Tensor:
     noise = _random(dim, generator, device, dtype)
     if v0 is None:
         return _normalise(noise)
@@ -93,6 +94,142 @@ def _start_vector(dim: int, v0: Tensor | None, warm_noise: float, generator, dev
     if warm_noise > 0:
         q = _normalise(q + warm_noise * _normalise(noise))
     return q
+
+
+def _device_dtype(v0: Tensor | None, device: torch.device | str | None,
+                  dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The basis' device and dtype: the given ones, else those of ``v0``, else CPU / the default dtype."""
+    if v0 is not None:
+        device = v0.device if device is None else device
+        dtype = v0.dtype if dtype is None else dtype
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return device, torch.get_default_dtype() if dtype is None else dtype
+
+
+def _check_lanczos_args(dim: int, max_iter: int, tol: float, which: str, v0: Tensor | None, warm_noise: float,
+                        min_iter: int, floor: float) -> None:
+    check_int("dim", dim, 1)
+    check_int("max_iter", max_iter, 1)
+    check_float("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
+    check_choice("which", which, _WHICH)
+    check_float("warm_noise", warm_noise, 0.0, 1.0)
+    check_int("min_iter", min_iter, 1)
+    check_float("floor", floor, 0.0, 1.0, high_open=True)
+    if v0 is not None and (not isinstance(v0, Tensor) or v0.numel() % dim != 0 or v0.numel() == 0):
+        raise ValueError(f"`v0` must be a tensor of shape [dim] or [k, dim] with dim={dim}, got "
+                         f"{getattr(v0, 'shape', v0)!r}")
+
+
+# ------------------------------------------------------------------------------------------ the iteration
+
+
+def _orthogonalise(view: Tensor, w: Tensor) -> Tensor:
+    """CGS2: classical Gram–Schmidt applied twice against the rows of ``view`` (full reorthogonalisation)."""
+    for _ in range(2):
+        w = w - view.T @ (view @ w)
+    return w
+
+
+def _lanczos_step(matvec: Callable[[Tensor], Tensor], basis: Tensor, j: int, q: Tensor,
+                  dtype: torch.dtype) -> tuple[float, Tensor, float]:
+    """Step ``j``: store ``q_j``, ``w = A q_j``, ``α_j = q_jᵀ w``, ``w`` made orthogonal to ``q_0..q_j``.
+    Returns ``(α_j, w, β_j = ‖w‖)``; ``w / β_j`` is the next basis vector unless β_j breaks down."""
+    basis[j] = q
+    w = matvec(q).detach().reshape(-1).to(dtype)
+    if not torch.isfinite(w).all():
+        raise FloatingPointError(f"matvec returned non-finite values at Lanczos step {j}")
+    alpha = float(torch.dot(q, w))
+    w = _orthogonalise(basis[: j + 1], w)
+    return alpha, w, float(torch.linalg.vector_norm(w))
+
+
+def _restart_vector(view: Tensor, dim: int, generator: torch.Generator | None, device: torch.device,
+                    dtype: torch.dtype) -> Tensor | None:
+    """After a breakdown (β≈0: the basis spans an invariant subspace) a random unit vector orthogonal to the basis,
+    so the iteration goes on in the rest of the space; None when three draws all vanish (the basis spans it all)."""
+    for _ in range(3):
+        fresh = _normalise(_orthogonalise(view, _random(dim, generator, device, dtype)))
+        if fresh is not None:
+            return fresh
+    return None
+
+
+# ------------------------------------------------------------------------- error estimates and stopping
+
+
+@dataclass
+class _Ritz:
+    """The Ritz pairs of the tridiagonal ``T_k`` after one step, with the estimates that decide the stop."""
+
+    theta: Tensor  # Ritz values, ascending (float64, host)
+    s: Tensor  # eigenvectors of T_k (columns)
+    res: list[float]  # Ritz residuals ‖A y_i − θ_i y_i‖ = β_k |s_{k,i}|
+    scale: float  # max |θ|
+    errs: dict[str, float]  # "max" / "min": min(r, r²/gap)
+    conv: dict[str, bool]
+
+    @property
+    def k(self) -> int:
+        return len(self.res)
+
+
+def _ritz(alphas: list[float], betas: list[float], beta: float) -> tuple[Tensor, Tensor, list[float]]:
+    """Eigen-decomposition of the tridiagonal ``T_k`` (diagonal ``alphas``, off-diagonal ``betas``) in float64,
+    and the residual of every Ritz pair (``beta`` couples the last basis vector to the next one)."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas, dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    theta, s = torch.linalg.eigh(t)
+    return theta, s, (beta * s[-1, :].abs()).tolist()
+
+
+def _estimate(alphas: list[float], betas: list[float], beta: float, prev: tuple[float, float], *, tol: float,
+              floor: float, min_iter: int) -> _Ritz:
+    """The Ritz pairs and, for each extreme, the error estimate and whether it converged: estimate and movement
+    since the previous step (``prev`` = previous (θ_max, θ_min)) both within ``tol·max(|θ|, floor·max|θ|)``."""
+    theta, s, res = _ritz(alphas, betas, beta)
+    k = len(res)
+    scale_all = float(theta.abs().max())
+    errs, conv = {}, {}
+    for name, i in (("max", k - 1), ("min", 0)):
+        gap = math.inf
+        if k > 1:  # Parlett's conservative gap: the neighbour Ritz value is known within its residual
+            nb = i - 1 if name == "max" else 1
+            gap = abs(float(theta[i] - theta[nb])) - res[nb]
+        r = res[i]
+        err = min(r, r * r / gap) if gap > 0 else r
+        target = tol * max(abs(float(theta[i])), floor * scale_all)
+        moved = abs(float(theta[i]) - (prev[0] if name == "max" else prev[1]))
+        errs[name] = err
+        conv[name] = k >= min_iter and err <= target and moved <= target
+    return _Ritz(theta, s, res, scale_all, errs, conv)
+
+
+def _requested(conv: dict[str, bool], which: str) -> bool:
+    return (conv["max"] and conv["min"]) if which == "both" else conv[which]
+
+
+def _result(view: Tensor, ritz: _Ritz, which: str, dim: int, breakdowns: int) -> LanczosResult:
+    """Both extremes with their unit Ritz vectors ``V s`` from the final basis ``view`` (``k`` vectors)."""
+    s_dev = ritz.s.to(device=view.device, dtype=view.dtype)
+    vmax = view.T @ s_dev[:, -1]
+    vmin = view.T @ s_dev[:, 0]
+    vmax = vmax / torch.linalg.vector_norm(vmax).clamp_min(1e-30)
+    vmin = vmin / torch.linalg.vector_norm(vmin).clamp_min(1e-30)
+    conv = ritz.conv
+    if ritz.k == dim and breakdowns == 0:  # full space: the Ritz values are the eigenvalues
+        conv = {"max": True, "min": True}
+    theta, res, errs = ritz.theta, ritz.res, ritz.errs
+    return LanczosResult(
+        lambda_max=float(theta[-1]), lambda_min=float(theta[0]), vec_max=vmax, vec_min=vmin, n_matvec=ritz.k,
+        n_iter=ritz.k, converged=bool(_requested(conv, which)), converged_max=bool(conv["max"]),
+        converged_min=bool(conv["min"]), residual_max=float(res[-1]), residual_min=float(res[0]),
+        err_max=float(errs["max"]), err_min=float(errs["min"]), ritz_values=theta, breakdowns=breakdowns,
+    )
+
+
+# ---------------------------------------------------------------------------------------- the public API
 
 
 def lanczos_extreme_eigs(
@@ -144,109 +281,35 @@ def lanczos_extreme_eigs(
     Breakdown (β≈0, an invariant subspace was found) continues from a fresh random vector orthogonal to the
     basis, so the returned extremes are those of the whole space up to ``dim`` steps.
     """
-    check_int("dim", dim, 1)
-    check_int("max_iter", max_iter, 1)
-    check_float("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
-    if which not in _WHICH:
-        raise ValueError(f"`which` must be one of {_WHICH}, got {which!r}")
-    check_float("warm_noise", warm_noise, 0.0, 1.0)
-    check_int("min_iter", min_iter, 1)
-    check_float("floor", floor, 0.0, 1.0, high_open=True)
-    if v0 is not None:
-        if not isinstance(v0, Tensor) or v0.numel() % dim != 0 or v0.numel() == 0:
-            raise ValueError(f"`v0` must be a tensor of shape [dim] or [k, dim] with dim={dim}, got "
-                             f"{getattr(v0, 'shape', v0)!r}")
-        device = v0.device if device is None else device
-        dtype = v0.dtype if dtype is None else dtype
-    device = torch.device("cpu") if device is None else torch.device(device)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-
+    _check_lanczos_args(dim, max_iter, tol, which, v0, warm_noise, min_iter, floor)
+    device, dtype = _device_dtype(v0, device, dtype)
     m = min(max_iter, dim)
     basis = torch.empty(m, dim, device=device, dtype=dtype)
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples q_j and q_{j+1}
     q = _start_vector(dim, v0, warm_noise, generator, device, dtype)
-    n_matvec = 0
     breakdowns = 0
     prev = (math.nan, math.nan)
-    state = None
     for j in range(m):
-        basis[j] = q
-        w = matvec(q).detach().reshape(-1).to(dtype)
-        n_matvec += 1
-        if not torch.isfinite(w).all():
-            raise FloatingPointError(f"matvec returned non-finite values at Lanczos step {j}")
-        alphas.append(float(torch.dot(q, w)))
-        view = basis[: j + 1]
-        for _ in range(2):  # CGS2: full reorthogonalisation against the whole basis
-            w = w - view.T @ (view @ w)
-        beta = float(torch.linalg.vector_norm(w))
-        k = j + 1
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(betas, dtype=torch.float64)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, s = torch.linalg.eigh(t)
-        scale_all = float(theta.abs().max())
-        res = (beta * s[-1, :].abs()).tolist()
-        idx = {"max": k - 1, "min": 0}
-        errs, conv = {}, {}
-        for name, i in idx.items():
-            gap = math.inf
-            if k > 1:  # Parlett's conservative gap: the neighbour Ritz value is known within its residual
-                nb = i - 1 if name == "max" else 1
-                gap = abs(float(theta[i] - theta[nb])) - res[nb]
-            r = res[i]
-            err = min(r, r * r / gap) if gap > 0 else r
-            target = tol * max(abs(float(theta[i])), floor * scale_all)
-            moved = abs(float(theta[i]) - (prev[0] if name == "max" else prev[1]))
-            errs[name] = err
-            conv[name] = k >= min_iter and err <= target and moved <= target
-        prev = (float(theta[-1]), float(theta[0]))
-        state = (theta, s, k, res, errs, conv)
-        done = (conv["max"] and conv["min"]) if which == "both" else conv[which]
-        if k == dim:
-            done = True
+        alpha, w, beta = _lanczos_step(matvec, basis, j, q, dtype)
+        alphas.append(alpha)
+        ritz = _estimate(alphas, betas, beta, prev, tol=tol, floor=floor, min_iter=min_iter)
+        prev = (float(ritz.theta[-1]), float(ritz.theta[0]))
+        done = _requested(ritz.conv, which) or ritz.k == dim
         if stop_reducer is not None:
             done = bool(stop_reducer(done))
-        if done or k == m:
+        if done or ritz.k == m:
             break
-        breakdown = beta <= 1e-10 * max(scale_all, 1e-30) or beta == 0.0
-        if breakdown:
+        if beta <= 1e-10 * max(ritz.scale, 1e-30) or beta == 0.0:  # breakdown: restart orthogonally
             breakdowns += 1
-            fresh = None
-            for _ in range(3):
-                r = _random(dim, generator, device, dtype)
-                for _ in range(2):
-                    r = r - view.T @ (view @ r)
-                fresh = _normalise(r)
-                if fresh is not None:
-                    break
-            if fresh is None:
+            q = _restart_vector(basis[: j + 1], dim, generator, device, dtype)
+            if q is None:
                 break
             betas.append(0.0)
-            q = fresh
         else:
             betas.append(beta)
             q = w / beta
-
-    theta, s, k, res, errs, conv = state
-    view = basis[:k]
-    s_dev = s.to(device=device, dtype=dtype)
-    vmax = view.T @ s_dev[:, -1]
-    vmin = view.T @ s_dev[:, 0]
-    vmax = vmax / torch.linalg.vector_norm(vmax).clamp_min(1e-30)
-    vmin = vmin / torch.linalg.vector_norm(vmin).clamp_min(1e-30)
-    if k == dim and breakdowns == 0:  # full space: the Ritz values are the eigenvalues
-        conv = {"max": True, "min": True}
-    converged = (conv["max"] and conv["min"]) if which == "both" else conv[which]
-    return LanczosResult(
-        lambda_max=float(theta[-1]), lambda_min=float(theta[0]), vec_max=vmax, vec_min=vmin,
-        n_matvec=n_matvec,
-        n_iter=k, converged=bool(converged), converged_max=bool(conv["max"]), converged_min=bool(conv["min"]),
-        residual_max=float(res[-1]), residual_min=float(res[0]), err_max=float(errs["max"]),
-        err_min=float(errs["min"]), ritz_values=theta, breakdowns=breakdowns,
-    )
+    return _result(basis[: ritz.k], ritz, which, dim, breakdowns)
 
 
 def power_iteration(
@@ -270,11 +333,7 @@ def power_iteration(
     check_int("dim", dim, 1)
     check_int("max_iter", max_iter, 1)
     check_float("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
-    if v0 is not None:
-        device = v0.device if device is None else device
-        dtype = v0.dtype if dtype is None else dtype
-    device = torch.device("cpu") if device is None else torch.device(device)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device, dtype = _device_dtype(v0, device, dtype)
     v = _start_vector(dim, v0, 0.0, generator, device, dtype)
     eig = None
     n = 0

@@ -1,4 +1,8 @@
-"""Small LightningModules shared by the TimeAverageMonitor tests (thesis Fig. 6-5 and a BN/dropout MLP)."""
+"""Small LightningModules shared by the TimeAverageMonitor tests (thesis Fig. 6-5 and a BN/dropout MLP).
+
+``SinModule`` (thesis Fig. 6-5's landscape) is the one ``examples/reproductions/time_average_sin.py`` runs; it lives in
+``lightning_opt.examples.sin`` and is re-exported here for the test scripts.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +12,9 @@ from pytorch_lightning import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_opt.examples.sin import SinModule
 
-class SinModule(LightningModule):
-    """Full-batch gradient descent on f(θ1, θ2) = 100·sin θ1·sin θ2 (thesis §6.3, Fig. 6-5).
-
-    Every batch holds one number c; the loss is f(θ) + c·sin θ1. Single-process runs feed c = 0 (plain f);
-    the DDP test feeds c = +5 on rank 0 and −5 on rank 1, so per-rank losses (and gains) differ while the
-    rank-averaged objective, and hence the DDP trajectory, is exactly f.
-    """
-
-    def __init__(self, lr: float, theta0: tuple[float, float] = (1.0, -0.5), steps: int = 2000,
-                 dtype: torch.dtype = torch.float64) -> None:
-        super().__init__()
-        self.lr = lr
-        self.steps = steps
-        self.theta = nn.Parameter(torch.tensor(theta0, dtype=dtype))
-
-    def objective(self) -> torch.Tensor:
-        return 100.0 * torch.sin(self.theta[0]) * torch.sin(self.theta[1])
-
-    def training_step(self, batch, batch_idx):
-        (c,) = batch
-        loss = self.objective() + (c.to(self.theta.dtype) * torch.sin(self.theta[0])).mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=1)
-        return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("grad/norm", self.theta.grad.norm(), on_step=True, on_epoch=False, batch_size=1)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.zeros(self.steps)), batch_size=1)
+__all__ = ["RandomMLP", "SinModule", "quiet_trainer_kwargs"]
 
 
 class RandomMLP(LightningModule):
