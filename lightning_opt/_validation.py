@@ -9,6 +9,7 @@ is given where several classes share argument names (the optimizers' ``lr``).
 from __future__ import annotations
 
 import math
+import numbers
 from datetime import timedelta
 from typing import Any
 
@@ -47,7 +48,7 @@ def _as_real(value: Any) -> float | None:
     tensor learning rates); None otherwise."""
     if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1 and not value.is_complex():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars and Fractions count
         return None
     return float(value)
 
