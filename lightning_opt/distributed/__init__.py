@@ -1,8 +1,8 @@
-"""Collectives on flat buckets with byte accounting, and small scalar collectives. Never imports Lightning."""
+"""Collectives on flat buckets with byte accounting, the non-finite consensus, small scalar collectives.
+Never imports Lightning."""
 
 from lightning_opt.distributed.buckets import (
     DEFAULT_BUCKET_CAP_MB,
-    CommMeter,
     all_finite,
     all_reduce_flat,
     broadcast_flat,
@@ -13,11 +13,16 @@ from lightning_opt.distributed.buckets import (
     unflatten_into,
     write_back,
 )
-from lightning_opt.distributed.scalars import all_gather_vector, mean_max, nonfinite_ranks, rank, world_size
+from lightning_opt.distributed.consensus import Agreement, NonFiniteError, agree
+from lightning_opt.distributed.meter import CommMeter
+from lightning_opt.distributed.scalars import all_gather_vector, rank, world_size
 
 __all__ = [
     "DEFAULT_BUCKET_CAP_MB",
+    "Agreement",
     "CommMeter",
+    "NonFiniteError",
+    "agree",
     "all_finite",
     "all_gather_vector",
     "all_reduce_flat",
@@ -25,9 +30,7 @@ __all__ = [
     "bucket_indices",
     "flatten",
     "is_dist",
-    "mean_max",
     "nbytes",
-    "nonfinite_ranks",
     "rank",
     "unflatten_into",
     "world_size",

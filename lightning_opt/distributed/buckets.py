@@ -6,44 +6,19 @@ count of each call is known exactly, which is what the strategies report as ``co
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_opt._tensors import accumulation_dtype, flatten
+from lightning_opt.distributed.meter import CommMeter
+
+__all__ = ["DEFAULT_BUCKET_CAP_MB", "CommMeter", "all_finite", "all_reduce_flat", "broadcast_flat", "bucket_indices",
+           "flatten", "is_dist", "nbytes", "unflatten_into", "write_back"]
 
 DEFAULT_BUCKET_CAP_MB = 25.0
-
-
-@dataclass
-class CommMeter:
-    """Counts what the collectives moved: bytes (payload per rank), calls and wall-clock seconds."""
-
-    bytes: int = 0
-    calls: int = 0
-    seconds: float = 0.0
-    syncs: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def add(self, nbytes: int, seconds: float) -> None:
-        self.bytes += int(nbytes)
-        self.calls += 1
-        self.seconds += float(seconds)
-
-    def state_dict(self) -> dict:
-        return {"bytes": self.bytes, "calls": self.calls, "seconds": self.seconds, "syncs": self.syncs,
-                "extra": dict(self.extra)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.bytes = int(state["bytes"])
-        self.calls = int(state["calls"])
-        self.seconds = float(state["seconds"])
-        self.syncs = int(state.get("syncs", 0))
-        self.extra = dict(state.get("extra", {}))
 
 
 def is_dist() -> bool:
@@ -80,22 +55,6 @@ def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
         offset += n
 
 
-def timed_all_reduce(buf: Tensor, meter: CommMeter | None, group=None, op=dist.ReduceOp.SUM) -> None:
-    """All-reduce ``buf`` in place and account for its bytes and time."""
-    start = time.perf_counter()
-    dist.all_reduce(buf, op=op, group=group)
-    if meter is not None:
-        meter.add(buf.numel() * buf.element_size(), time.perf_counter() - start)
-
-
-def timed_broadcast(buf: Tensor, src: int, meter: CommMeter | None, group=None) -> None:
-    """Broadcast ``buf`` from global rank ``src`` and account for its bytes and time."""
-    start = time.perf_counter()
-    dist.broadcast(buf, src=src, group=group)
-    if meter is not None:
-        meter.add(buf.numel() * buf.element_size(), time.perf_counter() - start)
-
-
 def all_reduce_flat(
     tensors: Sequence[Tensor],
     *,
@@ -105,11 +64,14 @@ def all_reduce_flat(
 ) -> list[tuple[list[int], Tensor]]:
     """Sum ``tensors`` over the group in flat buckets and return ``[(indices, reduced_flat)]`` without writing
     back, so the caller can inspect the result (e.g. for non-finite values) before committing it. Half-precision
-    buckets are summed in fp32 (a sum over many ranks overflows fp16 and loses bf16 precision)."""
+    buckets are summed in fp32 (a sum over many ranks overflows fp16 and loses bf16 precision). On a single
+    process the sum is the tensors themselves (no collective)."""
     out = []
     for idx in bucket_indices(tensors, int(cap_mb * 2**20)):
         flat = flatten([tensors[i] for i in idx], dtype=accumulation_dtype(tensors[idx[0]].dtype))
-        timed_all_reduce(flat, meter, group)
+        if is_dist():
+            dist.all_reduce(flat, group=group)
+            _count(meter, flat)
         out.append((idx, flat))
     return out
 
@@ -131,7 +93,8 @@ def broadcast_flat(
     for idx in bucket_indices(tensors, int(cap_mb * 2**20)):
         chunk = [tensors[i] for i in idx]
         flat = flatten(chunk)
-        timed_broadcast(flat, src, meter, group)
+        dist.broadcast(flat, src=src, group=group)
+        _count(meter, flat)
         unflatten_into(flat, chunk)
 
 
@@ -150,3 +113,8 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
 def nbytes(tensors: Sequence[Tensor]) -> int:
     """Payload size of ``tensors`` in bytes."""
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _count(meter: CommMeter | None, buf: Tensor) -> None:
+    if meter is not None:
+        meter.add(nbytes([buf]))

@@ -1,4 +1,5 @@
-"""Process lifetime: release gloo groups before the interpreter finalises; end ranks whose launcher ended.
+"""Process lifetime: release gloo groups before the interpreter finalises; end ranks whose launcher ended; undo
+what a one-process fit left in the process (:class:`LaunchRecord`).
 
 A process that exits with its gloo process group still alive can abort with SIGABRT ("terminate called without
 an active exception"): gloo's worker threads still hold work objects whose tensors reference Python objects, and
@@ -56,3 +57,39 @@ def die_with_parent() -> bool:
     if os.getppid() != parent:  # the launcher ended before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
     return True
+
+
+#: What Lightning's launcher writes into the main process's environment.
+LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+
+
+class LaunchRecord:
+    """What one fit changed in this process that a later fit in the same script must not inherit.
+
+    A one-process fit leaves its process group and the launcher's ``LOCAL_RANK`` / ``NODE_RANK`` / ``MASTER_*`` /
+    ``OMP_NUM_THREADS`` behind. A later two-process fit would then take the process for an externally launched
+    rank and start no other rank, or fork ranks that hang in OpenMP: :meth:`undo` removes both at teardown.
+    """
+
+    def __init__(self) -> None:
+        self.env_before: dict[str, str | None] = {}  # the launch variables before the launcher ran
+        self.owns_group = False
+
+    def before_launch(self) -> None:
+        self.env_before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+
+    def after_group_setup(self, created_group: bool, world_size: int, started_by_launcher: bool) -> None:
+        """``created_group``: this setup created the default process group; ``started_by_launcher``: the process
+        is a rank that the launching process started (so it ends with it)."""
+        self.owns_group = created_group and world_size == 1 and dist.is_initialized()
+        release_at_exit()  # gloo groups alive at interpreter exit can abort the process (module docstring)
+        if started_by_launcher:
+            die_with_parent()  # end with the process that launched this rank: never an orphan
+
+    def undo(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+            for key, value in self.env_before.items():
+                if value is None:
+                    os.environ.pop(key, None)

@@ -15,14 +15,16 @@ so the caller can still inspect the local values (non-finite checks) and reduce 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_opt.distributed.buckets import CommMeter, bucket_indices
+from lightning_opt._tensors import accumulation_dtype
+from lightning_opt.distributed.buckets import bucket_indices, nbytes
+from lightning_opt.distributed.meter import CommMeter
 
 #: DDP's choice: a small first bucket so the first all-reduce starts early in backward.
 FIRST_BUCKET_MB = 1.0
@@ -58,16 +60,15 @@ class OverlappedGradSum:
         self._armed = False
         self._ready: list[set[int]] = []
         self._launched = 0
-        self._works: list[tuple[int, object, float]] = []
+        self._works: list[tuple[int, Any]] = []
         self.late = False  # a gradient changed after its bucket was launched (then finish() reduces again)
 
     def _buffer(self, b: int) -> Tensor:
         flat = self._flat[b]
         if flat is None:
             first = self.params[self.buckets[b][0]]
-            dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
             n = sum(self.params[i].numel() for i in self.buckets[b])
-            flat = self._flat[b] = torch.empty(n, dtype=dtype, device=first.device)
+            flat = self._flat[b] = torch.empty(n, dtype=accumulation_dtype(first.dtype), device=first.device)
         return flat
 
     def arm(self) -> None:
@@ -77,7 +78,7 @@ class OverlappedGradSum:
         self._works = []
         self.late = False
 
-    def _hook(self, i: int):
+    def _hook(self, i: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
             if not self._armed or p.grad is None:
                 return
@@ -97,7 +98,7 @@ class OverlappedGradSum:
             self._launch(self._launched)
 
     def _launch(self, b: int) -> None:
-        self._works.append((b, dist.all_reduce(self._buffer(b), async_op=True), time.perf_counter()))
+        self._works.append((b, dist.all_reduce(self._buffer(b), async_op=True)))
         self._launched += 1
 
     @torch.no_grad()
@@ -119,11 +120,10 @@ class OverlappedGradSum:
         for b in range(self._launched, len(self.buckets)):
             self._fill(b)
             self._launch(b)
-        for b, work, start in self._works:
+        for b, work in self._works:
             work.wait()
             if self.meter is not None:
-                flat = self._flat[b]
-                self.meter.add(flat.numel() * flat.element_size(), time.perf_counter() - start)
+                self.meter.add(nbytes([self._flat[b]]))
         return [(idx, self._flat[b]) for b, idx in enumerate(self.buckets)]
 
     def remove(self) -> None:

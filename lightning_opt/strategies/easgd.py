@@ -6,10 +6,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_opt._tensors import accumulation_dtype
 from lightning_opt._validation import check_float
-from lightning_opt.distributed import all_finite, is_dist, write_back
-from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
+from lightning_opt.distributed import is_dist
+from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 
@@ -47,33 +49,22 @@ class EASGDStrategy(PeriodicSyncStrategy):
         period: optimizer steps between elastic updates (int ≥ 1) or a
             :class:`~lightning_opt.strategies.schedules.PeriodSchedule`.
         beta: moving rate β ∈ (0, 1]; the elastic coefficient is α = β / N for world size N.
-        warmup_steps: steps with per-step gradient averaging (DDP-equivalent) before local steps start.
-        average_buffers: average floating-point buffers at a sync.
-        nonfinite: ``"raise"`` (default): non-finite parameters on any rank at a sync raise
-            :class:`~lightning_opt.strategies.periodic.NonFiniteError` on every rank and the centre is left
-            untouched; ``"drop"``: such ranks are left out of the centre update, reset to the (updated) centre and
-            their optimizer state is cleared.
-        bucket_cap_mb, timeout, start_method: as for :class:`~lightning_opt.strategies.LocalSGDStrategy`.
+        **kwargs: ``warmup_steps``, ``average_buffers`` (float buffers averaged at a sync), ``nonfinite``
+            (``"raise"``: the centre is left untouched; ``"drop"``: such ranks are left out of the centre update,
+            reset to the (updated) centre and their optimizer state is cleared), ``bucket_cap_mb``, ``timeout``,
+            ``start_method`` and Lightning's ``DDPStrategy`` arguments: see
+            :class:`~lightning_opt.strategies.periodic.PeriodicSyncStrategy`.
     """
 
     strategy_name = "easgd"
+    _shared_state = {"center": "_center"}  # fp32 centre per optimizer, identical on every rank
+    # Unlike averaging, an elastic sync leaves the workers apart from the centre: evaluation and checkpoints must
+    # swap the centre in.
+    _sync_reaches_consensus = False
 
-    def __init__(
-        self,
-        period: int | PeriodSchedule = 1,
-        beta: float = 0.43,
-        warmup_steps: int = 0,
-        average_buffers: bool = True,
-        nonfinite: str = "raise",
-        bucket_cap_mb: float = 25.0,
-        timeout: float = DEFAULT_TIMEOUT,
-        start_method: str = "popen",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, period: int | PeriodSchedule = 1, beta: float = 0.43, **kwargs: Any) -> None:
         self.beta = check_float("beta", beta, 0.0, 1.0, low_open=True)
-        super().__init__(period=period, warmup_steps=warmup_steps, average_buffers=average_buffers,
-                         nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb, timeout=timeout,
-                         start_method=start_method, **kwargs)
+        super().__init__(period=period, **kwargs)
         self._center: dict[int, list[Tensor]] = {}
         self.last_center_step_norm: float | None = None
 
@@ -83,29 +74,26 @@ class EASGDStrategy(PeriodicSyncStrategy):
         return self.beta / self.world
 
     # ------------------------------------------------------------------ centre
+    @override
     def _before_local_step(self, idx: int, step: int) -> None:
         if idx not in self._center:
             # A collective, reached by every rank at the same step; equal to x_0 when ranks start identical.
             params = self._opt_params(idx)
             means = self._world_mean(params, "parameters", step)
-            self._center[idx] = [m.to(_wide_dtype(p.dtype)).clone() for m, p in zip(means, params)]
-
-    def _weights_are_consensus_after_sync(self) -> bool:
-        # Unlike averaging, an elastic sync leaves the workers apart from the centre: evaluation and checkpoints
-        # must swap the centre in.
-        return False
+            self._center[idx] = [m.to(accumulation_dtype(p.dtype)).clone() for m, p in zip(means, params)]
 
     # ------------------------------------------------------------------ sync
+    @override
     def _sync(self, idx: int, step: int) -> None:
         params = self._opt_params(idx)
         center = self._center[idx]
         x = [p.detach().to(c.dtype) for p, c in zip(params, center)]
         alpha = self.alpha
         if is_dist():
-            good, buckets, _ = self._reduce_with_flags(params, "parameters", step)
+            agreement = self._average(params, "parameters", step)
             sums = [torch.empty_like(c) for c in center]
-            write_back(buckets, sums)
-            local_bad = not all_finite(x)
+            agreement.write(sums, mean=False)
+            good, local_bad = agreement.healthy, agreement.local_bad
         else:
             good, sums, local_bad = 1, [t.clone() for t in x], False
         # Σ_i (x_i − x̃) over the contributing ranks, with the pre-update centre
@@ -128,6 +116,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
         self._log_metrics({"easgd/center_step_norm": self.last_center_step_norm, **self.comm_stats})
 
     # ------------------------------------------------------------------ consensus
+    @override
     def _consensus(self) -> list[Tensor]:
         """The centre for the parameters it covers; float buffers: world mean; integer buffers: local."""
         by_id = {id(p): c for idx, centers in self._center.items()
@@ -135,7 +124,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
         tensors = self._module_tensors()
         averaged = self._consensus_ids()
         rest = [t for t in tensors if id(t) not in by_id and t.is_floating_point() and id(t) in averaged]
-        means = iter(self._world_mean(rest, "weights", self._steps.get(0, 0)) if rest else [])
+        means = iter(self._world_mean(rest, "weights", self.clock.steps.get(0, 0)) if rest else [])
         out = []
         for t in tensors:
             if id(t) in by_id:
@@ -146,19 +135,6 @@ class EASGDStrategy(PeriodicSyncStrategy):
                 out.append(t.detach().clone())
         return out
 
-    # ------------------------------------------------------------------ state
-    def _extra_state_dict(self) -> dict[str, Any]:
-        return {"center": {k: [c.detach().cpu().clone() for c in v] for k, v in self._center.items()}}
-
-    def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.root_device
-        self._center = {int(k): [c.to(device) for c in v] for k, v in state.get("center", {}).items()}
-
     def __repr__(self) -> str:
         return (f"EASGDStrategy(period={self.schedule!r}, beta={self.beta}, warmup_steps={self.warmup_steps}, "
                 f"nonfinite={self.nonfinite!r})")
-
-
-def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or the parameter dtype if wider (fp64)."""
-    return torch.promote_types(dtype, torch.float32)

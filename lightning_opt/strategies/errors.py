@@ -1,5 +1,7 @@
-"""Errors raised by the strategies (pure Python: one class shared by both Lightning packages' strategies)."""
+"""Errors raised by the strategies (pure Python: one class shared by both Lightning packages' strategies).
 
+:class:`NonFiniteError` is defined next to the consensus that raises it (``distributed/consensus.py``)."""
 
-class NonFiniteError(RuntimeError):
-    """Raised on every rank when some rank holds non-finite values at a synchronisation."""
+from lightning_opt.distributed.consensus import NonFiniteError
+
+__all__ = ["NonFiniteError"]

@@ -6,10 +6,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_opt._tensors import accumulation_dtype
 from lightning_opt._validation import check_bool, check_float
 from lightning_opt.distributed import is_dist
-from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
+from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 
@@ -31,47 +33,27 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     Args:
         period: optimizer steps between synchronisations (int ≥ 1) or a
             :class:`~lightning_opt.strategies.schedules.PeriodSchedule` (e.g. ``ConstantHorizon``).
-        warmup_steps: steps with per-step gradient averaging (DDP-equivalent) before local steps start.
-        average_buffers: average floating-point buffers (BatchNorm statistics) at a sync; integer buffers
-            are always taken from rank 0 so they stay consistent.
         outer_lr, outer_momentum, outer_nesterov: the outer optimizer on the pseudo-gradient.
-        nonfinite: ``"raise"`` (default): a non-finite parameter on any rank at a sync raises
-            :class:`~lightning_opt.strategies.periodic.NonFiniteError` on every rank, naming the ranks and the
-            step; ``"drop"``: such ranks are left out of the average, reset to the consensus and their optimizer
-            state is cleared.
-        bucket_cap_mb: size of the flat buckets (one all-reduce per bucket).
-        timeout: collective timeout (seconds or ``timedelta``, default 600 s); a dead or stuck rank surfaces as an
-            error after it, and ranks Lightning launched end with the launching rank.
-        start_method: ``"popen"`` (``local_sgd``) or ``"spawn"`` (``local_sgd_spawn``), as in ``DDPStrategy``.
+        **kwargs: ``warmup_steps``, ``average_buffers``, ``nonfinite`` (``"drop"``: a rank with non-finite
+            parameters at a sync is left out of the average and reset to the consensus), ``bucket_cap_mb``,
+            ``timeout``, ``start_method`` and Lightning's ``DDPStrategy`` arguments: see
+            :class:`~lightning_opt.strategies.periodic.PeriodicSyncStrategy`.
 
     Evaluation, ``fit``'s final weights and saved ``state_dict`` use the consensus: the current world average
     (plain averaging) or the anchor (with an outer optimizer). Training continues from the local weights.
     """
 
     strategy_name = "local_sgd"
+    _shared_state = {"anchor": "_anchor", "momentum": "_momentum"}  # fp32 anchors and outer momenta per optimizer
 
-    def __init__(
-        self,
-        period: int | PeriodSchedule = 1,
-        warmup_steps: int = 0,
-        average_buffers: bool = True,
-        outer_lr: float = 1.0,
-        outer_momentum: float = 0.0,
-        outer_nesterov: bool = False,
-        nonfinite: str = "raise",
-        bucket_cap_mb: float = 25.0,
-        timeout: float = DEFAULT_TIMEOUT,
-        start_method: str = "popen",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, period: int | PeriodSchedule = 1, *, outer_lr: float = 1.0, outer_momentum: float = 0.0,
+                 outer_nesterov: bool = False, **kwargs: Any) -> None:
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0, 100.0, low_open=True)
         self.outer_momentum = check_float("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
         self.outer_nesterov = check_bool("outer_nesterov", outer_nesterov)
         if self.outer_nesterov and self.outer_momentum == 0:
             raise ValueError("`outer_nesterov` needs `outer_momentum` in (0, 1), got outer_nesterov=True with 0.0")
-        super().__init__(period=period, warmup_steps=warmup_steps, average_buffers=average_buffers,
-                         nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb, timeout=timeout,
-                         start_method=start_method, **kwargs)
+        super().__init__(period=period, **kwargs)
         self._anchor: dict[int, list[Tensor]] = {}
         self._momentum: dict[int, list[Tensor]] = {}
 
@@ -79,11 +61,13 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     def uses_outer(self) -> bool:
         return not (self.outer_lr == 1.0 and self.outer_momentum == 0.0)
 
+    @override
     def _before_local_step(self, idx: int, step: int) -> None:
         # The anchor is where local training starts: the initial (or post-warmup) weights.
         if self.uses_outer and idx not in self._anchor:
-            self._anchor[idx] = [_wide(p) for p in self._opt_params(idx)]
+            self._anchor[idx] = [p.detach().to(accumulation_dtype(p.dtype)).clone() for p in self._opt_params(idx)]
 
+    @override
     def _sync(self, idx: int, step: int) -> None:
         params = self._opt_params(idx)
         if not is_dist() and not self.uses_outer:
@@ -110,6 +94,7 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         torch._foreach_add_(anchor, direction, alpha=-self.outer_lr)
         return anchor
 
+    @override
     def _consensus(self) -> list[Tensor]:
         values = super()._consensus()
         if not self.uses_outer:
@@ -118,21 +103,7 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
                  for p, a in zip(self._opt_params(idx), anchors)}
         return [by_id[id(t)].to(t.dtype) if id(t) in by_id else v for t, v in zip(self._module_tensors(), values)]
 
-    def _extra_state_dict(self) -> dict[str, Any]:
-        return {"anchor": {k: [a.detach().cpu().clone() for a in v] for k, v in self._anchor.items()},
-                "momentum": {k: [m.detach().cpu().clone() for m in v] for k, v in self._momentum.items()}}
-
-    def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.root_device
-        self._anchor = {int(k): [a.to(device) for a in v] for k, v in state.get("anchor", {}).items()}
-        self._momentum = {int(k): [m.to(device) for m in v] for k, v in state.get("momentum", {}).items()}
-
     def __repr__(self) -> str:
         return (f"LocalSGDStrategy(period={self.schedule!r}, warmup_steps={self.warmup_steps}, "
                 f"outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}, "
                 f"outer_nesterov={self.outer_nesterov})")
-
-
-def _wide(p: Tensor) -> Tensor:
-    """fp32 copy (or wider, for fp64 parameters)."""
-    return p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone()

@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_opt._validation import check_choice, check_float
-from lightning_opt.distributed import all_finite, broadcast_flat, is_dist, nonfinite_ranks
-from lightning_opt.strategies.errors import NonFiniteError
+from lightning_opt.distributed import broadcast_flat
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
-from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 _SLOW_MOMENTUM = "lookahead_slow_momentum"
@@ -45,6 +44,10 @@ class LookaheadStrategy(LocalSGDStrategy):
 
     Evaluation, ``fit``'s final weights and saved ``state_dict`` use the slow weights; training continues from the
     fast weights. Exact resume covers slow weights, counters and inner optimizer state.
+
+    Other arguments (``warmup_steps``, ``average_buffers``, ``nonfinite``, ``bucket_cap_mb``, ``timeout``,
+    ``start_method``, Lightning's ``DDPStrategy`` arguments): see
+    :class:`~lightning_opt.strategies.periodic.PeriodicSyncStrategy`.
     """
 
     strategy_name = "lookahead"
@@ -56,12 +59,6 @@ class LookaheadStrategy(LocalSGDStrategy):
         mode: str = "sync",
         pullback_momentum: str = "none",
         momentum_keys: tuple[str, ...] = ("momentum_buffer", "exp_avg"),
-        warmup_steps: int = 0,
-        average_buffers: bool = True,
-        nonfinite: str = "raise",
-        bucket_cap_mb: float = 25.0,
-        timeout: float = DEFAULT_TIMEOUT,
-        start_method: str = "popen",
         **kwargs: Any,
     ) -> None:
         self.alpha = check_float("alpha", alpha, 0.0, 1.0, low_open=True)
@@ -72,9 +69,7 @@ class LookaheadStrategy(LocalSGDStrategy):
         if not momentum_keys or not all(isinstance(k, str) and k for k in momentum_keys):
             raise ValueError(f"`momentum_keys` must be a non-empty sequence of state keys, got {momentum_keys!r}")
         self.momentum_keys = tuple(momentum_keys)
-        super().__init__(period=period, warmup_steps=warmup_steps, average_buffers=average_buffers, outer_lr=alpha,
-                         nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb, timeout=timeout,
-                         start_method=start_method, **kwargs)
+        super().__init__(period=period, outer_lr=alpha, **kwargs)
         self.average_gradients_every_step = self.mode == "sync"
 
     @property
@@ -87,6 +82,7 @@ class LookaheadStrategy(LocalSGDStrategy):
         paper Cor. 5.4: s < 1/((1 − α)L⁻)), else 1 (Local SGD's Thm 6.7, the smaller bound)."""
         return 1.0 - self.alpha if self.mode == "sync" or self.world == 1 else 1.0
 
+    @override
     def _sync(self, idx: int, step: int) -> None:
         params = self._opt_params(idx)
         if self.mode == "local":
@@ -102,18 +98,15 @@ class LookaheadStrategy(LocalSGDStrategy):
             self._average_buffers_now(step)
 
     def _agree_finite(self, params: list[Tensor], step: int) -> None:
-        """Sync mode keeps the fast weights identical, so a sync needs no parameter collective; one tiny
-        all-reduce of non-finite flags still makes every rank take the same decision: ``raise`` names the ranks
-        on all of them, ``drop`` copies a healthy rank's weights (and buffers) over the bad ranks."""
-        local_bad = not all_finite(params)
-        bad = nonfinite_ranks(local_bad, params[0].device) if is_dist() else ([0] if local_bad else [])
-        if not bad:
+        """Sync mode keeps the fast weights identical, so a sync needs no parameter collective; agreeing on the
+        non-finite flags alone (``total=False``) still makes every rank take the same decision: ``raise`` names the
+        ranks on all of them (the slow weights are left untouched), ``drop`` copies the first healthy rank's
+        weights (and buffers) over the bad ranks."""
+        agreement = self._agree(params, "fast weights", step, total=False)
+        if not agreement.bad:
             return
-        if self.nonfinite == "raise" or len(bad) == self.world:
-            raise NonFiniteError(f"non-finite fast weights on rank(s) {bad} at optimizer step {step}; slow weights "
-                                 "left untouched")
-        source = min(set(range(self.world)) - set(bad))
-        if local_bad:
+        source = agreement.first_healthy
+        if agreement.local_bad:
             warnings.warn(f"rank {self.rank}: non-finite fast weights at optimizer step {step}; reset to rank "
                           f"{source}'s weights and optimizer state", stacklevel=2)
         # Same optimizer, same steps: the state has the same layout on every rank, so it can be broadcast too,

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_opt._validation import check_choice, check_float, check_int
 from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
-from lightning_opt.strategies.errors import NonFiniteError
-from lightning_opt.strategies.periodic import DEFAULT_TIMEOUT, PeriodicSyncStrategy
+from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
 
@@ -51,9 +51,15 @@ class LSGDStrategy(PeriodicSyncStrategy):
     ``eval_weights``: ``"center"`` (default, the mean of all workers as in the paper's experiments),
     ``"leader"`` (the current global leader's weights) or ``"local"`` (each rank's own weights). Evaluation and
     saved weights use them without changing the training trajectory.
+
+    Other arguments (``warmup_steps``, ``nonfinite``, ``bucket_cap_mb``, ``timeout``, ``start_method``, Lightning's
+    ``DDPStrategy`` arguments): see :class:`~lightning_opt.strategies.periodic.PeriodicSyncStrategy`.
     """
 
     strategy_name = "lsgd"
+    _one_sync_for_all_optimizers = True  # one leader for all optimizers' parameters (class docstring)
+    _shared_state = {"local_syncs": "_local_syncs", "last_leader": "last_leader"}
+    _rank_state = {"window": "_window", "filled": "_filled"}  # each rank's own recent losses
 
     def __init__(
         self,
@@ -65,11 +71,6 @@ class LSGDStrategy(PeriodicSyncStrategy):
         global_pull: float | None = None,
         eval_weights: str = "center",
         score_key: str = "train/loss",
-        warmup_steps: int = 0,
-        nonfinite: str = "raise",
-        bucket_cap_mb: float = 25.0,
-        timeout: float = DEFAULT_TIMEOUT,
-        start_method: str = "popen",
         **kwargs: Any,
     ) -> None:
         self.pull = check_float("pull", pull, 0.0, 1.0, low_open=True)
@@ -81,8 +82,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
         if not isinstance(score_key, str) or not score_key:
             raise ValueError(f"`score_key` must be a non-empty metric name, got {score_key!r}")
         self.score_key = score_key
-        super().__init__(period=period, warmup_steps=warmup_steps, nonfinite=nonfinite, bucket_cap_mb=bucket_cap_mb,
-                         timeout=timeout, start_method=start_method, **kwargs)
+        super().__init__(period=period, **kwargs)
         base = getattr(self.schedule, "period", None)
         if global_period is not None:
             check_int("global_period", global_period, 1)
@@ -91,7 +91,8 @@ class LSGDStrategy(PeriodicSyncStrategy):
                                  f"global_period / period local syncs); got period={self.schedule!r} and "
                                  f"global_period={global_period}")
             if global_period % base:
-                raise ValueError(f"`global_period` must be a multiple of `period` ({base}), got {global_period}")
+                raise ValueError(f"`global_period` must be a multiple of `period` ({base}), "
+                                 f"got global_period={global_period}")
         self.global_period = global_period
         self._window = torch.full((self.leader_window,), float("nan"))
         self._filled = 0
@@ -101,7 +102,13 @@ class LSGDStrategy(PeriodicSyncStrategy):
         self.last_leader: int | None = None
         self.history: list[dict[str, Any]] = []
 
+    @property
+    def _sync_reaches_consensus(self) -> bool:  # type: ignore[override]
+        # Workers pulled with λ < 1 stay apart: the centre / leader must still be built for evaluation.
+        return self.eval_weights == "local"
+
     # ------------------------------------------------------------------ groups
+    @override
     def setup_environment(self) -> None:
         super().setup_environment()
         self._resolved_group_size()  # world-size checks at setup, not at the first sync
@@ -131,13 +138,13 @@ class LSGDStrategy(PeriodicSyncStrategy):
                     self._my_group = group
 
     # ------------------------------------------------------------------ scores
+    @override
     def _after_inner_step(self, idx: int, step: int, output: Any) -> None:
         if idx != 0:
             return
         loss = output
         if not isinstance(loss, Tensor):
-            trainer = getattr(self.lightning_module, "_trainer", None)
-            loss = None if trainer is None else trainer.callback_metrics.get(self.score_key)
+            loss = None if self._trainer is None else self._trainer.callback_metrics.get(self.score_key)
         if isinstance(loss, Tensor):
             if self._window.device != loss.device:
                 self._window = self._window.to(loss.device)
@@ -145,9 +152,10 @@ class LSGDStrategy(PeriodicSyncStrategy):
             self._window[self._filled % self.leader_window] = loss.detach().float().reshape(-1)[0]
             self._filled += 1
 
-    def _local_score(self, params: list[Tensor]) -> float:
+    def _window_score(self) -> float:
+        """Mean loss over the window; ``inf`` (never leads) when empty or non-finite."""
         n = min(self._filled, self.leader_window)
-        if n == 0 or self._buffer_rules.corrupt(params):
+        if n == 0:
             return float("inf")
         score = float(self._window[:n].mean())
         return score if score == score and abs(score) != float("inf") else float("inf")
@@ -160,41 +168,31 @@ class LSGDStrategy(PeriodicSyncStrategy):
         return ranks[int(torch.argmin(sub))]  # first minimum: ties go to the lowest rank
 
     # ------------------------------------------------------------------ sync
-    def _has_own_sync(self, idx: int) -> bool:
-        return idx == len(self.optimizers) - 1  # one leader for all optimizers' parameters (class docstring)
-
+    @override
     def _sync(self, idx: int, step: int) -> None:
         self._ensure_groups()
         tensors = self._pulled_tensors()
-        corrupt = self._buffer_rules.corrupt(tensors)
-        mine = torch.tensor([float("inf") if corrupt else self._local_score(tensors), float(corrupt)],
-                            device=self.root_device)
-        gathered = all_gather_vector(mine).reshape(-1, 2).cpu()
-        self.meter.add(gathered.numel() * 4, 0.0)
-        bad = [int(r) for r in torch.nonzero(gathered[:, 1]).flatten().tolist()]
-        if bad and self.nonfinite == "raise":
-            raise NonFiniteError(
-                f"non-finite parameters on rank(s) {bad} at optimizer step {step}; refusing to pull toward or from "
-                "them. Pass nonfinite='drop' to keep such ranks out of the leader election and reset them to their "
-                "leader.")
-        scores = gathered[:, 0].contiguous()
+        # One agreement carries the non-finite flags and, as each rank's slot of a summed vector, the scores.
+        mine = torch.zeros(self.world, device=self.root_device)
+        mine[self.rank] = self._window_score()
+        agreement = self._agree(tensors, "parameters", step, total=False, payload=mine)
+        scores = agreement.payload.cpu()
+        scores[agreement.bad] = float("inf")  # a rank with non-finite parameters never leads
         self._local_syncs += 1
         my_group = next(g for g in self._groups if self.rank in g)
         glob = self._argmin(scores, list(range(self.world)))
+        broken = agreement.local_bad  # under nonfinite="drop": reset to the first leader it meets
         if len(my_group) == self.world:  # one group: the group leader is the global leader
-            self._pull_toward(tensors, glob, self.pull, None, step)
+            self._pull_toward(tensors, glob, self.pull, None, step, broken)
         else:
             if len(my_group) > 1:
-                self._pull_toward(tensors, self._argmin(scores, my_group), self.pull, self._my_group, step)
+                leader = self._argmin(scores, my_group)
+                broken = self._pull_toward(tensors, leader, self.pull, self._my_group, step, broken)
             every = self._global_every()
             if every and self._local_syncs % every == 0:
-                self._pull_toward(tensors, glob, self.global_pull, None, step)
+                self._pull_toward(tensors, glob, self.global_pull, None, step, broken)
         self.last_leader = glob
         self._log_sync(step, scores, glob)
-
-    def _weights_are_consensus_after_sync(self) -> bool:
-        # Workers pulled with λ < 1 stay apart: the centre / leader must still be built for evaluation.
-        return self.eval_weights == "local"
 
     def _pulled_tensors(self) -> list[Tensor]:
         """Every optimizer's parameters (each once) and the floating-point buffers that differ between ranks (a
@@ -203,27 +201,29 @@ class LSGDStrategy(PeriodicSyncStrategy):
         params = {id(p): p for idx in range(len(self.optimizers)) for p in self._opt_params(idx)}
         return list(params.values()) + [b for b in self._buffers_to_sync() if b.is_floating_point()]
 
-    def _pull_toward(self, tensors: list[Tensor], leader: int | None, lam: float, group: Any, step: int) -> None:
+    def _pull_toward(self, tensors: list[Tensor], leader: int | None, lam: float, group: Any, step: int,
+                     broken: bool) -> bool:
+        """x ← x − λ(x − x̃) toward ``leader`` within ``group``; a ``broken`` rank (non-finite, dropped) is reset to
+        the leader instead (λ = 1, optimizer state cleared). Returns whether this rank is still broken."""
         if leader is None:
             warnings.warn(f"LSGD: no finite score at optimizer step {step}; skipping the pull", stacklevel=2)
-            return
+            return broken
         leader_values = [t.detach().clone() for t in tensors]
         if is_dist():
             broadcast_flat(leader_values, src=leader, meter=self.meter, group=group, cap_mb=self.bucket_cap_mb)
         if self.rank == leader:
-            return
-        finite = not self._buffer_rules.corrupt(tensors)
+            return False
         with torch.no_grad():
-            if not finite or lam == 1.0:  # λ = 1 (or a reset under nonfinite="drop") copies the leader exactly
-                if not finite:
+            if broken or lam == 1.0:  # λ = 1 (or a reset under nonfinite="drop") copies the leader exactly
+                if broken:
                     warnings.warn(f"LSGD: rank {self.rank} has non-finite parameters at optimizer step {step}; "
                                   f"dropped from the leader election and reset to its leader (rank {leader})",
                                   stacklevel=2)
-                    for opt in self.optimizers:
-                        opt.state.clear()
+                    self._clear_optimizer_states()
                 torch._foreach_copy_(tensors, leader_values)
-                return
-            pull_(tensors, leader_values, lam)
+            else:
+                pull_(tensors, leader_values, lam)
+        return False
 
     def _log_sync(self, step: int, scores: Tensor, leader: int | None) -> None:
         finite = scores[torch.isfinite(scores)]
@@ -234,33 +234,19 @@ class LSGDStrategy(PeriodicSyncStrategy):
         self._log_metrics({**info, **self.comm_stats})
 
     # ------------------------------------------------------------------ consensus
+    @override
     def _consensus(self) -> list[Tensor]:
         if self.eval_weights == "center":
             return super()._consensus()
         tensors = self._module_tensors()
         values = [t.detach().clone() for t in tensors]
         if self.eval_weights == "leader" and is_dist():
-            score = torch.tensor([self._local_score(list(self.lightning_module.parameters()))],
-                                 device=self.root_device)
-            leader = self._argmin(all_gather_vector(score).reshape(-1).cpu(), list(range(self.world)))
+            params = list(self.lightning_module.parameters())
+            score = float("inf") if self._buffer_rules.corrupt(params) else self._window_score()
+            scores = all_gather_vector(torch.tensor([score], device=self.root_device)).reshape(-1).cpu()
+            leader = self._argmin(scores, list(range(self.world)))
             broadcast_flat(values, src=0 if leader is None else leader, cap_mb=self.bucket_cap_mb)
         return values
-
-    # ------------------------------------------------------------------ state
-    def _extra_state_dict(self) -> dict[str, Any]:
-        return {"local_syncs": self._local_syncs, "last_leader": self.last_leader}
-
-    def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        self._local_syncs = int(state.get("local_syncs", 0))
-        self.last_leader = state.get("last_leader")
-
-    def _local_state_dict(self) -> dict[str, Any]:
-        return {"window": self._window.clone(), "filled": self._filled}
-
-    def _load_local_state_dict(self, state: dict[str, Any]) -> None:
-        if "window" in state:
-            self._window = state["window"].clone().float().cpu()
-            self._filled = int(state["filled"])
 
     def __repr__(self) -> str:
         return (f"LSGDStrategy(period={self.schedule!r}, pull={self.pull}, leader_window={self.leader_window}, "
