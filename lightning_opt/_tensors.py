@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["LOW_PRECISION", "accumulation_dtype", "flatten"]
+__all__ = ["LOW_PRECISION", "accumulation_dtype", "flatten", "unflatten_into"]
 
 #: dtypes whose sums and running statistics are accumulated in float32
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -23,3 +23,13 @@ def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tens
     """One detached 1-D vector from ``tensors`` (optionally cast to ``dtype``)."""
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     return flat if dtype is None else flat.to(dtype)
+
+
+@torch.no_grad()
+def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` back into ``tensors`` (casting to each tensor's dtype)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n

@@ -28,11 +28,13 @@ def logs_this_step(trainer: Any) -> bool:
     return every > 0 and (logging_step(trainer) + 1) % every == 0
 
 
-def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
+def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int | None = None, *,
+                callback_metrics: bool = True) -> None:
     """The one way lightning-opt publishes scalars: into ``trainer.callback_metrics`` (0-d tensors, on every rank
-    that calls this, so ``ModelCheckpoint`` / ``EarlyStopping`` can monitor them) and, on global rank 0, to every
-    logger at ``step`` (default: :func:`logging_step`), whatever ``log_every_n_steps`` says."""
-    for key, value in metrics.items():
+    that calls this, so ``ModelCheckpoint`` / ``EarlyStopping`` can monitor them; ``callback_metrics=False`` for
+    values that differ between ranks) and, on global rank 0, to every logger at ``step`` (default:
+    :func:`logging_step`), whatever ``log_every_n_steps`` says."""
+    for key, value in metrics.items() if callback_metrics else ():
         trainer.callback_metrics[key] = torch.tensor(float(value))
     if trainer.global_rank != 0 or not metrics:
         return

@@ -13,10 +13,11 @@ import numbers
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["as_timeout", "check_bool", "check_choice", "check_float", "check_int"]
+__all__ = ["as_timeout", "check_bool", "check_choice", "check_float", "check_int", "invalid"]
 
 
-def _fail(owner: str | None, name: str, value: Any, expected: str) -> ValueError:
+def invalid(name: str, value: Any, expected: str, *, owner: str | None = None) -> ValueError:
+    """The error for a rejected argument, for checks the `check_*` functions cannot express (raise it)."""
     prefix = f"{owner}: " if owner else ""
     return ValueError(f"{prefix}invalid {name}={value!r}; expected {expected}")
 
@@ -32,7 +33,7 @@ def check_int(name: str, value: Any, low: int, high: int | None = None, *, owner
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         rng = f"{name} >= {low}" if high is None else f"{name} in [{low}, {high}]"
-        raise _fail(owner, name, value, ("None or " if optional else "") + f"an int with {rng}")
+        raise invalid(name, value, ("None or " if optional else "") + f"an int with {rng}", owner=owner)
     return value
 
 
@@ -68,8 +69,8 @@ def check_float(name: str, value: Any, low: float = 0.0, high: float = math.inf,
         ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
         kind = "a number" if high == math.inf and not high_open else "a finite number"
-        raise _fail(owner, name, value, ("None or " if optional else "") + f"{kind} with "
-                    + _interval(name, low, high, low_open, high_open))
+        expected = ("None or " if optional else "") + f"{kind} with " + _interval(name, low, high, low_open, high_open)
+        raise invalid(name, value, expected, owner=owner)
     return v
 
 
@@ -77,7 +78,7 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...], *, owner: str 
     """One of ``choices`` (compared with ``==``)."""
     choices = tuple(choices)
     if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
-        raise _fail(owner, name, value, "one of " + ", ".join(map(repr, choices)))
+        raise invalid(name, value, "one of " + ", ".join(map(repr, choices)), owner=owner)
     return value
 
 
@@ -86,7 +87,7 @@ def check_bool(name: str, value: Any, *, owner: str | None = None, optional: boo
     if optional and value is None:
         return None
     if not isinstance(value, bool):
-        raise _fail(owner, name, value, "True, False or None" if optional else "True or False")
+        raise invalid(name, value, "True, False or None" if optional else "True or False", owner=owner)
     return value
 
 
@@ -95,5 +96,5 @@ def as_timeout(value: Any) -> timedelta:
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
     if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds)
             or not 0 < seconds <= 1e8):
-        raise _fail(None, "timeout", value, "a timedelta or seconds in (0, 1e8]")
+        raise invalid("timeout", value, "a timedelta or seconds in (0, 1e8]")
     return timedelta(seconds=float(seconds))

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_opt._ownership import RankLocal
+from lightning_opt._validation import invalid
 
 Layout = dict[str, dict[str, list[Any]]]
 
@@ -84,12 +85,12 @@ class DashboardCallback(RankLocal, pl.Callback):
 def _check_layout(layout: Any) -> None:
     """``ValueError`` (naming ``layout``) unless it is {category: {title: [kind, tags]}} with kind Multiline/Margin."""
     if not isinstance(layout, dict) or not all(isinstance(c, dict) for c in layout.values()):
-        raise ValueError(f"`layout` must be a dict of categories, each a dict of charts, got {layout!r}")
+        raise invalid("layout", layout, "a dict of categories, each a dict of charts")
     for category, charts in layout.items():
         for title, chart in charts.items():
             ok = isinstance(chart, (list, tuple)) and len(chart) == 2 and chart[0] in ("Multiline", "Margin")
             ok = ok and isinstance(chart[1], (list, tuple)) and all(isinstance(t, str) for t in chart[1])
             ok = ok and (chart[0] != "Margin" or len(chart[1]) == 3)
             if not ok:
-                raise ValueError(f"`layout`[{category!r}][{title!r}] must be ['Multiline', [tags...]] or "
-                                 f"['Margin', [value, lower, upper]], got {chart!r}")
+                raise invalid(f"layout[{category!r}][{title!r}]", chart,
+                              "['Multiline', [tags...]] or ['Margin', [value, lower, upper]]")

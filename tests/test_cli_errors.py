@@ -7,15 +7,15 @@ import pytest
 from dist import run_script
 
 EXPECTED = {
-    "period_negative": "error: `period` must be an int >= 1 or a PeriodSchedule, got -1",
-    "period_zero": "error: `period` must be an int >= 1 or a PeriodSchedule, got 0",
-    "nonfinite": "error: `nonfinite` must be one of ('raise', 'drop'), got 'ignore'",
-    "timeout": "error: `timeout` must be a timedelta or seconds in (0, 1e8], got -5",
-    "outer_momentum": "error: `outer_momentum` must be a float in [0.0, 1.0), got 1",
-    "batch_size": "error: batch_size must be an integer >= 1, got 0",
-    "lr_nan": "error: ClippedSGD: invalid lr=nan; expected a finite real number with lr >= 0",
-    "lr_negative": "error: ClippedSGD: invalid lr=-0.1; accepted range: lr >= 0",
-    "max_norm_inf": "error: ClippedSGD: invalid max_norm=inf; expected a finite real number with max_norm > 0",
+    "period_negative": "error: invalid period=-1; expected an int with period >= 1, or a PeriodSchedule",
+    "period_zero": "error: invalid period=0; expected an int with period >= 1, or a PeriodSchedule",
+    "nonfinite": "error: invalid nonfinite='ignore'; expected one of 'raise', 'drop'",
+    "timeout": "error: invalid timeout=-5.0; expected a timedelta or seconds in (0, 1e8]",
+    "outer_momentum": "error: invalid outer_momentum=1.0; expected a finite number with outer_momentum in [0, 1)",
+    "batch_size": "error: invalid batch_size=0; expected an int with batch_size >= 1",
+    "lr_nan": "error: ClippedSGD: invalid lr=nan; expected a finite number with lr >= 0",
+    "lr_negative": "error: ClippedSGD: invalid lr=-0.1; expected a finite number with lr >= 0",
+    "max_norm_inf": "error: ClippedSGD: invalid max_norm=inf; expected a finite number with max_norm > 0",
     "strategy_typo": "error: You selected an invalid strategy name: `strategy='local_sdg'`; did you mean 'local_sgd'?",
     "devices": "error: `devices` selected with `CPUAccelerator` should be an int > 0.",
     "text_path": "error: text_path='/no/such/file.txt' is not a file",
@@ -41,4 +41,4 @@ def test_a_bad_value_is_one_short_error_with_exit_code_2(results, case):
 
 def test_lightning_opt_traceback_shows_the_full_error_for_debugging(results):
     assert results["traceback"]["code"] == "raised"
-    assert "batch_size must be an integer >= 1, got 0" in results["traceback"]["stderr"]
+    assert "invalid batch_size=0; expected an int with batch_size >= 1" in results["traceback"]["stderr"]

@@ -16,7 +16,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_opt._tensors import LOW_PRECISION, flatten
+from lightning_opt._tensors import LOW_PRECISION, flatten, unflatten_into
 from lightning_opt.callbacks._common import collective_device
 from lightning_opt.callbacks._probe import step_loss
 from lightning_opt.distributed.buckets import all_reduce_flat, is_dist
@@ -109,14 +109,6 @@ def set_probe_modes(module: nn.Module, bn_mode: str, dropout_mode: str, *, local
 # ------------------------------------------------------------------------------------------ measurement
 
 
-def _write_flat(flat: Tensor, params: list[Tensor]) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.copy_(flat[offset:offset + n].view_as(p))
-        offset += n
-
-
 def _smoothness(out: CurvatureResult, op: HessianVectorProduct, module: nn.Module, loss_of: LossOf,
                 reset: Callable[[], None], grad: Tensor, prev: Tensor,
                 reduce: Callable[[Tensor], Tensor] | None) -> None:
@@ -130,7 +122,7 @@ def _smoothness(out: CurvatureResult, op: HessianVectorProduct, module: nn.Modul
     op.release()
     saved = [p.detach().clone() for p in params]
     try:
-        _write_flat(prev, params)
+        unflatten_into(prev, params)
         reset()
         g_prev = HessianVectorProduct(module, loss_of, method="func", reduce=reduce, dtype=op.dtype).gradient()
     finally:

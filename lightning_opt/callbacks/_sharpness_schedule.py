@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lightning_opt._validation import check_float, check_int
+from lightning_opt._validation import check_float, check_int, invalid
 from lightning_opt.callbacks._budget import OverheadBudget
 from lightning_opt.callbacks._common import collective_device
 from lightning_opt.distributed.buckets import is_dist
@@ -36,9 +36,9 @@ class MeasurementSchedule:
         if every_n_steps is not None:
             check_int("every_n_steps", every_n_steps, 1, owner=own)
             if max_overhead is not None:
-                raise ValueError(f"{own}: invalid max_overhead={max_overhead!r} with every_n_steps={every_n_steps!r}; "
-                                 "max_overhead applies to the cost-aware schedule (every_n_steps=None): pass one of "
-                                 "them")
+                raise invalid("max_overhead", max_overhead, f"None with every_n_steps={every_n_steps!r} "
+                              "(max_overhead sets the cost-aware schedule, every_n_steps=None: pass one of them)",
+                              owner=own)
         else:
             max_overhead = check_float("max_overhead", DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead,
                                        0.0, 1.0, low_open=True, high_open=True, owner=own)

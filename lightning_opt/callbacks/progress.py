@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from lightning_opt._ownership import RankLocal
+from lightning_opt._validation import check_bool, invalid
 
 DEFAULT_KEYS: dict[str, str] = {
     "grad/norm": "gnorm",
@@ -31,11 +32,10 @@ class ProgressBarMetrics(RankLocal, Callback):
     def __init__(self, keys: Mapping[str, str] | None = None, show_sync: bool = True) -> None:
         if keys is not None and (not isinstance(keys, Mapping)
                                  or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items())):
-            raise ValueError(f"`keys` must map metric names to labels (str -> str), got {keys!r}")
-        if not isinstance(show_sync, bool):
-            raise ValueError(f"`show_sync` must be a bool, got {show_sync!r}")
+            raise invalid("keys", keys, "None or a mapping of metric names to labels (str -> str)",
+                          owner="ProgressBarMetrics")
         self.keys = dict(DEFAULT_KEYS if keys is None else keys)
-        self.show_sync = show_sync
+        self.show_sync = check_bool("show_sync", show_sync, owner="ProgressBarMetrics")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

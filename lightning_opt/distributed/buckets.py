@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_opt._tensors import accumulation_dtype, flatten
+from lightning_opt._tensors import accumulation_dtype, flatten, unflatten_into
 from lightning_opt.distributed.meter import CommMeter
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "CommMeter", "all_finite", "all_reduce_flat", "broadcast_flat", "bucket_indices",
@@ -43,16 +43,6 @@ def bucket_indices(tensors: Sequence[Tensor], cap_bytes: int) -> list[list[int]]
         bucket.append(i)
     done.extend(open_buckets.values())
     return done
-
-
-@torch.no_grad()
-def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
-    """Copy consecutive slices of ``flat`` back into ``tensors`` (casting to each tensor's dtype)."""
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
 
 
 def all_reduce_flat(

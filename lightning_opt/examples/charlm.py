@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_opt._validation import check_bool, check_float, check_int
+from lightning_opt._validation import check_bool, check_float, check_int, invalid
 
 _LN2 = math.log(2.0)
 
@@ -62,7 +62,7 @@ class CharTransformerLM(pl.LightningModule):
         check_int("n_heads", n_heads, 1)
         check_int("block_size", block_size, 1)
         if d_model % n_heads:
-            raise ValueError(f"d_model must be divisible by n_heads={n_heads}, got d_model={d_model}")
+            raise invalid("d_model", d_model, f"a multiple of n_heads={n_heads}")
         check_float("dropout", dropout, 0.0, 1.0, high_open=True)
         check_float("lr", lr, 0.0, low_open=True)
         check_float("weight_decay", weight_decay)
@@ -158,7 +158,7 @@ class CharTransformerLM(pl.LightningModule):
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, generator=None) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``[B, T]`` (context cropped to block_size)."""
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            raise invalid("temperature", temperature, "a number > 0")
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_opt._validation import check_bool, check_float, check_int
+from lightning_opt._validation import check_bool, check_float, check_int, invalid
 
 DEFAULT_MODEL = "test_efficientnet"
 
@@ -119,11 +119,9 @@ class ImageClassifier(pl.LightningModule):
         check_bool("pretrained", pretrained)
         check_bool("small_input", small_input)
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
-            raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {model_kwargs!r}")
+            raise invalid("model_kwargs", model_kwargs, "None or a dict of timm.create_model arguments")
         if not timm.is_model(model_name):
-            raise ValueError(
-                f"model_name must be a timm model name (see timm.list_models()), got {model_name!r}"
-            )
+            raise invalid("model_name", model_name, "a timm model name (see timm.list_models())")
         self.save_hyperparameters()
         self.model = timm.create_model(
             model_name,

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import check_float, check_int, invalid
+
 __all__ = [
     "BatchMeansWindow",
     "CesaroAverage",
@@ -51,18 +53,18 @@ _Shape = int | Sequence[int]
 
 def _as_shape(shape: _Shape) -> tuple[int, ...]:
     if isinstance(shape, bool):
-        raise ValueError(f"shape must be an int or a sequence of non-negative ints, got {shape!r}")
+        raise invalid("shape", shape, "an int or a sequence of non-negative ints")
     if isinstance(shape, int):
         shape = (shape,)
     out = tuple(shape)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in out):
-        raise ValueError(f"shape must be an int or a sequence of non-negative ints, got {shape!r}")
+        raise invalid("shape", shape, "an int or a sequence of non-negative ints")
     return out
 
 
 def _check_float_dtype(dtype: torch.dtype) -> None:
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+        raise invalid("dtype", dtype, "a floating-point torch dtype")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,8 +80,7 @@ def student_t_abs_cdf(t: float, df: int) -> float:
     - odd df: (2/π)[θ + sinθ(cosθ + (2/3)cos³θ + … + (2·4⋯(df−3))/(1·3⋯(df−2)) cos^{df−2}θ)], 2θ/π if df = 1;
     - even df: sinθ [1 + (1/2)cos²θ + … + (1·3⋯(df−3))/(2·4⋯(df−2)) cos^{df−2}θ].
     """
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    check_int("df", df, 1)
     if t <= 0:
         return 0.0
     if math.isinf(t):
@@ -107,10 +108,8 @@ def t_critical(confidence: float, df: int) -> float:
     ``df`` ≥ 1 integer; above 10⁵ degrees of freedom the normal quantile is returned. Solved by bisection on
     :func:`student_t_abs_cdf` to ~1e-12 relative accuracy and cached.
     """
-    if not (isinstance(confidence, float | int) and 0.0 < float(confidence) < 1.0):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    check_float("confidence", confidence, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("df", df, 1)
     confidence = float(confidence)
     if df > 100_000:
         return NormalDist().inv_cdf(0.5 + confidence / 2.0)
@@ -159,10 +158,8 @@ def batch_means_ci(
     Returns ``(mean, lo, hi)``: ``mean`` over the samples used; ``lo``/``hi`` are NaN when fewer than
     ``n_batches`` samples are available. Non-finite samples are dropped first.
     """
-    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 2:
-        raise ValueError(f"n_batches must be an integer >= 2, got {n_batches!r}")
-    if not (isinstance(confidence, float | int) and 0.0 < float(confidence) < 1.0):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
+    check_int("n_batches", n_batches, 2)
+    check_float("confidence", confidence, 0.0, 1.0, low_open=True, high_open=True)
     xs = [v for v in _to_floats(samples) if math.isfinite(v)]
     if not xs:
         return math.nan, math.nan, math.nan
@@ -185,10 +182,8 @@ class BatchMeansWindow:
     """
 
     def __init__(self, window: int, n_batches: int) -> None:
-        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 2:
-            raise ValueError(f"n_batches must be an integer >= 2, got {n_batches!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < n_batches:
-            raise ValueError(f"window must be an integer >= n_batches={n_batches}, got {window!r}")
+        check_int("n_batches", n_batches, 2)
+        check_int("window", window, n_batches)
         self.window = window
         self.n_batches = n_batches
         self._buf: deque[float] = deque(maxlen=window)
@@ -322,8 +317,7 @@ class WindowedAverage(_DeviceAccumulator):
 
     def __init__(self, window: int, shape: _Shape = (), *, dtype: torch.dtype = torch.float64,
                  device: torch.device | str | None = None) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        check_int("window", window, 1)
         _check_float_dtype(dtype)
         self.window = window
         self.shape = _as_shape(shape)

@@ -18,14 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import check_float, check_int, invalid
+
 __all__ = ["bootstrap_interval", "percentile_interval", "resample_weights"]
 
 
 def _check(num_resamples: int, level: float) -> None:
-    if not isinstance(num_resamples, int) or isinstance(num_resamples, bool) or num_resamples < 1:
-        raise ValueError(f"bootstrap: num_resamples={num_resamples!r} is out of range; expected an int >= 1")
-    if not (0.0 < float(level) < 1.0):
-        raise ValueError(f"bootstrap: level={level!r} is out of range; expected 0 < level < 1")
+    check_int("num_resamples", num_resamples, 1, owner="bootstrap")
+    check_float("level", level, 0.0, 1.0, low_open=True, high_open=True, owner="bootstrap")
 
 
 def resample_weights(
@@ -39,7 +39,7 @@ def resample_weights(
     """Multinomial counts ``[num_resamples, n]`` of drawing ``n`` units with replacement, each row summing
     to ``n``."""
     if n < 1:
-        raise ValueError(f"resample_weights: n={n!r} is out of range; expected n >= 1")
+        raise invalid("n", n, "an int with n >= 1", owner="resample_weights")
     _check(num_resamples, 0.5)
     idx = torch.randint(n, (num_resamples, n), generator=generator, device=device)
     w = torch.zeros(num_resamples, n, dtype=dtype, device=device)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_opt._tensors import flatten
+from lightning_opt._validation import check_choice, invalid
 
 __all__ = ["HessianVectorProduct", "flat_to_tensors", "flatten_tensors", "trainable_named_parameters"]
 
@@ -101,11 +102,10 @@ class HessianVectorProduct:
         dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
-            raise ValueError(f"`module` must be an nn.Module, got {type(module).__name__}")
+            raise invalid("module", type(module).__name__, "an nn.Module")
         if not callable(loss_fn):
-            raise ValueError(f"`loss_fn` must be callable (module -> scalar loss), got {loss_fn!r}")
-        if method not in _METHODS:
-            raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}")
+            raise invalid("loss_fn", loss_fn, "a callable (module -> scalar loss)")
+        check_choice("method", method, _METHODS)
         named = trainable_named_parameters(module)
         if not named:
             raise ValueError("`module` has no trainable parameters (requires_grad=True)")

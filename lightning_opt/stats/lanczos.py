@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_opt._validation import check_choice, check_float, check_int
+from lightning_opt._validation import check_choice, check_float, check_int, invalid
 
 __all__ = ["LanczosResult", "lanczos_extreme_eigs", "power_iteration"]
 
@@ -116,8 +116,7 @@ def _check_lanczos_args(dim: int, max_iter: int, tol: float, which: str, v0: Ten
     check_int("min_iter", min_iter, 1)
     check_float("floor", floor, 0.0, 1.0, high_open=True)
     if v0 is not None and (not isinstance(v0, Tensor) or v0.numel() % dim != 0 or v0.numel() == 0):
-        raise ValueError(f"`v0` must be a tensor of shape [dim] or [k, dim] with dim={dim}, got "
-                         f"{getattr(v0, 'shape', v0)!r}")
+        raise invalid("v0", getattr(v0, "shape", v0), f"None or a tensor of shape [dim] or [k, dim] with dim={dim}")
 
 
 # ------------------------------------------------------------------------------------------ the iteration

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import invalid
+
 __all__ = ["NoiseMoments", "NoiseSummary", "b_simple", "noise_moments", "pool_noise", "summarize"]
 
 
@@ -72,9 +74,9 @@ def pool_noise(sum_sq: Tensor, mean_sq: Tensor, count: int, batch_size: int) -> 
     """Pool per-group moments. ``sum_sq`` and ``mean_sq`` are [R] (one entry per group/rank, or 0-d for one
     group), each group holding ``count`` gradients of batch size ``batch_size``."""
     if count < 2:
-        raise ValueError(f"pool_noise: count={count!r} is out of range; expected >= 2 gradients per group")
+        raise invalid("count", count, "count >= 2 gradients per group", owner="pool_noise")
     if batch_size < 1:
-        raise ValueError(f"pool_noise: batch_size={batch_size!r} is out of range; expected >= 1")
+        raise invalid("batch_size", batch_size, "batch_size >= 1", owner="pool_noise")
     s = sum_sq.double().reshape(-1)
     m = mean_sq.double().reshape(-1)
     trace = s.sum() / (s.numel() * (count - 1))

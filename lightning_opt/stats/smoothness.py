@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import check_float
+
 __all__ = ["L0L1Fit", "clipping_advice", "directional_curvature", "local_smoothness"]
 
 
@@ -65,8 +67,7 @@ class L0L1Fit:
     """
 
     def __init__(self, decay: float = 1.0) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 < decay <= 1.0):
-            raise ValueError(f"`decay` must be a float in (0, 1], got {decay!r}")
+        check_float("decay", decay, 0.0, 1.0, low_open=True)
         self.decay = float(decay)
         self.n = 0
         self.w = 0.0

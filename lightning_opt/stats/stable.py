@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import invalid
+
 __all__ = ["symmetric_stable"]
 
 
@@ -45,11 +47,11 @@ def symmetric_stable(
     """
     alpha = float(alpha)
     if not (0.0 < alpha <= 2.0) or math.isnan(alpha):
-        raise ValueError(f"symmetric_stable: alpha={alpha!r} is out of range; expected 0 < alpha <= 2")
+        raise invalid("alpha", alpha, "a number with alpha in (0, 2]", owner="symmetric_stable")
     if not (scale > 0.0 and math.isfinite(scale)):
-        raise ValueError(f"symmetric_stable: scale={scale!r} is out of range; expected a finite value > 0")
+        raise invalid("scale", scale, "a finite number with scale > 0", owner="symmetric_stable")
     if not dtype.is_floating_point:
-        raise ValueError(f"symmetric_stable: dtype={dtype!r} is not a floating dtype")
+        raise invalid("dtype", dtype, "a floating-point torch dtype", owner="symmetric_stable")
     shape = (size,) if isinstance(size, int) else tuple(size)
     u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
     v = math.pi * (u - 0.5)

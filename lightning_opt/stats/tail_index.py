@@ -55,6 +55,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_opt._validation import invalid
 from lightning_opt.stats.bootstrap import percentile_interval, resample_weights
 
 __all__ = [
@@ -84,7 +85,7 @@ def default_block(n: int) -> int:
 
 def _check_max_alpha(fn: str, max_alpha: float | None) -> None:
     if max_alpha is not None and not (float(max_alpha) > 0.0):
-        raise ValueError(f"{fn}: max_alpha={max_alpha!r} is out of range; expected a value > 0 or None")
+        raise invalid("max_alpha", max_alpha, "None or a number > 0", owner=fn)
 
 
 def _alpha_from_inverse(inv: Tensor, max_alpha: float | None) -> Tensor:
@@ -135,7 +136,7 @@ def _mohammadi_blocks(fn: str, x: Tensor, block: int | None, dim: int | None) ->
     n = series.shape[0]
     k1 = default_block(n) if block is None else block
     if not isinstance(k1, int) or isinstance(k1, bool) or k1 < 2:
-        raise ValueError(f"{fn}: block={block!r} is out of range; expected an int >= 2")
+        raise invalid("block", block, "None or an int with block >= 2", owner=fn)
     if n < k1:
         raise ValueError(f"{fn}: {n} samples are fewer than block={k1}; expected at least one full block")
     k2 = n // k1
@@ -217,7 +218,7 @@ def _hill_prepare(fn: str, x: Tensor, k: int | None) -> tuple[Tensor, int]:
     n = s.numel()
     kk = max(1, math.isqrt(n)) if k is None else k
     if not isinstance(kk, int) or isinstance(kk, bool) or not (1 <= kk < n):
-        raise ValueError(f"{fn}: k={k!r} is out of range for {n} samples; expected an int with 1 <= k < n")
+        raise invalid("k", k, f"None or an int with 1 <= k < n = {n} samples", owner=fn)
     return torch.sort(s, descending=True).values, kk
 
 

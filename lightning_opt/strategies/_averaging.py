@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_opt._tensors import accumulation_dtype
@@ -35,11 +36,18 @@ class SyncAveraging:
     meter: CommMeter
     optimizers: list[Any]
     lightning_module: nn.Module
-    rank: int
     _buffer_rules: BufferRules
     _grad_sums: dict[int, OverlappedGradSum]
     _opt_params: Callable[[int], list[Tensor]]
     clock: SyncClock
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size() if is_dist() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if is_dist() else 0
 
     def _module_tensors(self) -> list[Tensor]:
         module = self.lightning_module

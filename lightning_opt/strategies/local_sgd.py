@@ -9,7 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_opt._tensors import accumulation_dtype
-from lightning_opt._validation import check_bool, check_float
+from lightning_opt._validation import check_bool, check_float, invalid
 from lightning_opt.distributed import is_dist
 from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
@@ -52,7 +52,7 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         self.outer_momentum = check_float("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
         self.outer_nesterov = check_bool("outer_nesterov", outer_nesterov)
         if self.outer_nesterov and self.outer_momentum == 0:
-            raise ValueError("`outer_nesterov` needs `outer_momentum` in (0, 1), got outer_nesterov=True with 0.0")
+            raise invalid("outer_nesterov", True, "False with outer_momentum=0 (Nesterov needs momentum in (0, 1))")
         super().__init__(period=period, **kwargs)
         self._anchor: dict[int, list[Tensor]] = {}
         self._momentum: dict[int, list[Tensor]] = {}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_opt._validation import check_choice, check_float
+from lightning_opt._validation import check_choice, check_float, invalid
 from lightning_opt.distributed import broadcast_flat
 from lightning_opt.strategies.local_sgd import LocalSGDStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
@@ -67,7 +67,7 @@ class LookaheadStrategy(LocalSGDStrategy):
         if isinstance(momentum_keys, str):
             momentum_keys = (momentum_keys,)
         if not momentum_keys or not all(isinstance(k, str) and k for k in momentum_keys):
-            raise ValueError(f"`momentum_keys` must be a non-empty sequence of state keys, got {momentum_keys!r}")
+            raise invalid("momentum_keys", momentum_keys, "a non-empty sequence of non-empty optimizer state keys")
         self.momentum_keys = tuple(momentum_keys)
         super().__init__(period=period, outer_lr=alpha, **kwargs)
         self.average_gradients_every_step = self.mode == "sync"

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_opt._validation import check_choice, check_float, check_int
+from lightning_opt._validation import check_choice, check_float, check_int, invalid
 from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
 from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
@@ -80,19 +80,18 @@ class LSGDStrategy(PeriodicSyncStrategy):
         self.group_size = None if group_size is None else check_int("group_size", group_size, 1)
         self.eval_weights = check_choice("eval_weights", eval_weights, ("center", "leader", "local"))
         if not isinstance(score_key, str) or not score_key:
-            raise ValueError(f"`score_key` must be a non-empty metric name, got {score_key!r}")
+            raise invalid("score_key", score_key, "a non-empty metric name")
         self.score_key = score_key
         super().__init__(period=period, **kwargs)
         base = getattr(self.schedule, "period", None)
         if global_period is not None:
             check_int("global_period", global_period, 1)
             if base is None:
-                raise ValueError(f"`global_period` needs a fixed integer `period` (global pulls happen every "
-                                 f"global_period / period local syncs); got period={self.schedule!r} and "
-                                 f"global_period={global_period}")
+                raise invalid("global_period", global_period, f"None with period={self.schedule!r}: a global "
+                              "period needs a fixed integer `period` (global pulls happen every global_period / "
+                              "period local syncs)")
             if global_period % base:
-                raise ValueError(f"`global_period` must be a multiple of `period` ({base}), "
-                                 f"got global_period={global_period}")
+                raise invalid("global_period", global_period, f"a multiple of `period` ({base})")
         self.global_period = global_period
         self._window = torch.full((self.leader_window,), float("nan"))
         self._filled = 0
@@ -116,7 +115,7 @@ class LSGDStrategy(PeriodicSyncStrategy):
     def _resolved_group_size(self) -> int:
         size = self.group_size if self.group_size is not None else max(1, self.num_processes)
         if self.world % size:
-            raise ValueError(f"`group_size` must divide the world size ({self.world} processes), got {size}")
+            raise invalid("group_size", size, f"a divisor of the world size ({self.world} processes)")
         return size
 
     def _global_every(self) -> int:

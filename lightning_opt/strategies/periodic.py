@@ -201,14 +201,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
     def _lr(self, idx: int) -> float:
         return float(self.optimizers[idx].param_groups[0]["lr"])
 
-    @property
-    def world(self) -> int:
-        return dist.get_world_size() if is_dist() else 1
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank() if is_dist() else 0
-
     # ------------------------------------------------------------------ step counting
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
@@ -398,10 +390,10 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         return {**self.meter.metrics(), "comm/period": float(self.clock.current_period)}
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
-        """Publish ``metrics`` (``trainer.callback_metrics`` on every rank, the loggers on rank 0) at the step
-        Lightning logs this batch at."""
+        """Log ``metrics`` (rank 0's) at the step Lightning logs this batch at; kept out of ``callback_metrics``,
+        which must agree across ranks, while ``comm/sync_seconds`` is each rank's own."""
         if self._trainer is not None:
-            log_scalars(self._trainer, metrics)
+            log_scalars(self._trainer, metrics, callback_metrics=False)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(period={self.schedule!r}, warmup_steps={self.warmup_steps})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_opt._ownership import RankLocal
+from lightning_opt._validation import check_float, check_int, invalid
 
 
 class PeriodSchedule(RankLocal):
@@ -33,8 +34,7 @@ class ConstantPeriod(PeriodSchedule):
     """τ fixed (Local SGD, Alg. 2 of the curvature paper; ``PeriodicModelAverager``'s ``period``)."""
 
     def __init__(self, period: int) -> None:
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"`period` must be an int >= 1, got {period!r}")
+        check_int("period", period, 1)
         self.period = period
 
     def next_period(self, step: int, lr: float, trainer: Any = None) -> int:
@@ -52,11 +52,8 @@ class ConstantHorizon(PeriodSchedule):
     """
 
     def __init__(self, horizon: float, max_period: int = 10_000) -> None:
-        if (isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not horizon > 0
-                or horizon != horizon or horizon == float("inf")):
-            raise ValueError(f"`horizon` must be a finite float > 0, got {horizon!r}")
-        if isinstance(max_period, bool) or not isinstance(max_period, int) or max_period < 1:
-            raise ValueError(f"`max_period` must be an int >= 1, got {max_period!r}")
+        check_float("horizon", horizon, 0.0, low_open=True)
+        check_int("max_period", max_period, 1)
         self.horizon = float(horizon)
         self.max_period = max_period
 
@@ -74,5 +71,5 @@ def as_schedule(period: int | PeriodSchedule) -> PeriodSchedule:
     if isinstance(period, PeriodSchedule):
         return period
     if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"`period` must be an int >= 1 or a PeriodSchedule, got {period!r}")
+        raise invalid("period", period, "an int with period >= 1, or a PeriodSchedule")
     return ConstantPeriod(period)
