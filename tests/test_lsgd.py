@@ -37,7 +37,7 @@ def test_group_size_must_divide_world():
     class FourRanks(LSGDStrategy):
         world = 4
 
-    with pytest.raises(ValueError, match="`group_size`"):
+    with pytest.raises(ValueError, match=r"invalid group_size=3; expected a divisor of the world size \(4 processes\)"):
         FourRanks(group_size=3)._resolved_group_size()
 
 
