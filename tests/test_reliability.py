@@ -83,7 +83,9 @@ def test_a_stuck_rank_ends_with_the_job_instead_of_living_on_as_an_orphan(tmp_pa
     # kill rank 1 then, so the strategy asks the kernel to end it with its launcher (lifecycle.die_with_parent)
     log = tmp_path / "log"
     with open(log, "w") as sink:  # a file, not a pipe: an orphan holding the pipe would block reading it
-        proc = subprocess.Popen([sys.executable, str(SCRIPTS / "stuck_rank.py"), str(tmp_path), "8"],
+        # 20 s, not less: rank 0's first collective also waits for rank 1's interpreter to start, which takes
+        # over 8 s on a loaded 2-core machine (`make test` runs two workers)
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS / "stuck_rank.py"), str(tmp_path), "20"],
                                 env=dist_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(timeout=200)
@@ -98,7 +100,7 @@ def test_a_stuck_rank_ends_with_the_job_instead_of_living_on_as_an_orphan(tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert proc.returncode != 0 and "Timed out waiting 8000ms" in out, out[-3000:]
+    assert proc.returncode != 0 and "Timed out waiting 20000ms" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("name", ["LocalSGDStrategy", "LookaheadStrategy", "LSGDStrategy", "EASGDStrategy"])
