@@ -38,10 +38,11 @@ def flavour(request) -> Flavour:
     return Flavour(request.param)
 
 
-# Files measured slowest (seconds of a serial run, docs/TESTING.md "Time"): collected first so that `make test`'s
+# Files measured slowest under two workers (`--durations=0`, 2026-12-04): collected first so that `make test`'s
 # workers (pytest-xdist, whole files each) start them early instead of ending the run on one of them.
-_SLOW_FIRST = ("test_launchers.py", "test_local_sgd.py", "test_nonfinite.py", "test_reproductions_a.py",
-               "test_reliability.py", "test_sharpness_monitor.py", "test_reproductions_c.py", "test_cli.py")
+_SLOW_FIRST = ("test_launchers.py", "test_reliability.py", "test_reproductions_a.py", "test_arch_zoo.py",
+               "test_cli.py", "test_registry.py", "test_reproductions_b.py", "test_sharpness_monitor.py",
+               "test_bench_smoke.py", "test_nonfinite.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
