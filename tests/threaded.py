@@ -80,6 +80,11 @@ def run_threaded(world: int, fn: Callable[[int], Any], timeout: float = 20.0, gr
     on their own (so "every rank raises" can be checked), then are woken out of their collectives, so a failure
     never hangs the test; neither do ranks stuck past ``timeout`` seconds (a fit here takes about a second):
     they are woken the same way and the call raises ``TimeoutError``."""
+    from lightning_utilities.core.rank_zero import rank_zero_only  # the one object both Lightning packages use
+
+    # each rank's Trainer sets the process-wide rank_zero_only.rank; left at 1, it would silence every later
+    # rank-zero logger and warning in this pytest process (a later test's TensorBoardLogger wrote nothing)
+    rank_before = getattr(rank_zero_only, "rank", 0)
     _install_threaded_pg()
     torch._C._distributed_c10d._set_thread_isolation_mode(True)
     store, results, errors = dist.HashStore(), [None] * world, [None] * world
@@ -102,6 +107,7 @@ def run_threaded(world: int, fn: Callable[[int], Any], timeout: float = 20.0, gr
         torch._C._distributed_c10d._set_thread_isolation_mode(False)
         _uninstall_threaded_pg()
         ProcessLocalGroup.reset()
+        rank_zero_only.rank = rank_before
     for rank, exc in enumerate(errors):
         if exc is not None:
             raise RankError(rank, errors) from exc
