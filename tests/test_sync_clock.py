@@ -1,0 +1,64 @@
+"""The sync clock by value (``strategies/_clock.py``), in process: when syncs fall, what the progress bar is told,
+and that the state survives a checkpoint round trip."""
+
+import pytest
+
+from lightning_opt.strategies._clock import SyncClock
+from lightning_opt.strategies.schedules import ConstantHorizon, ConstantPeriod
+
+
+def _run(clock: SyncClock, steps: int, lr: float = 0.1) -> list[int]:
+    """Drive optimizer 0 as PeriodicSyncStrategy.optimizer_step does; the steps after which it synced."""
+    synced = []
+    for _ in range(steps):
+        step = clock.upcoming(0)
+        clock.count(0, step)
+        if clock.in_warmup(step):
+            continue
+        if not clock.scheduled(0):
+            clock.schedule_next(0, step - 1, lr, None)
+        if clock.due(0, step):
+            synced.append(step)
+            clock.schedule_next(0, step, lr, None)
+    return synced
+
+
+def test_syncs_fall_after_warmup_plus_each_period():
+    clock = SyncClock(ConstantPeriod(3), warmup_steps=2)
+    assert _run(clock, 12) == [5, 8, 11]
+    assert clock.current_period == 3 and clock.next_sync == {0: 14}
+    assert clock.steps_to_next_sync(0.1) == 2
+
+
+def test_the_progress_bar_reads_warmup_then_the_steps_left():
+    clock = SyncClock(ConstantPeriod(4), warmup_steps=3)
+    _run(clock, 2)
+    assert clock.steps_to_next_sync(0.1) == "warmup"
+    _run(clock, 1)  # warm-up done, local training not started: the period it will get
+    assert clock.steps_to_next_sync(0.1) == 4 and clock.current_period == 0
+    _run(clock, 1)
+    assert clock.steps_to_next_sync(0.1) == 3
+
+
+def test_a_horizon_is_asked_again_at_every_sync():
+    clock = SyncClock(ConstantHorizon(0.5), warmup_steps=0)
+    assert _run(clock, 6, lr=0.25) == [2, 4, 6]  # tau = 0.5 / 0.25
+    # the period that started at step 6 was set with lr 0.25 (ends at 8); the lr drop to 0.1 gives tau = 5 from there
+    assert _run(clock, 10, lr=0.1) == [8, 13]
+    assert clock.period == {0: 5}
+
+
+def test_state_round_trips_and_a_bad_schedule_is_refused():
+    clock = SyncClock(ConstantPeriod(3), warmup_steps=1)
+    _run(clock, 5)
+    restored = SyncClock(ConstantPeriod(3), warmup_steps=1)
+    restored.load_state_dict(clock.state_dict())
+    assert (restored.steps, restored.next_sync, restored.period) == (clock.steps, clock.next_sync, clock.period)
+    assert _run(restored, 6) == _run(clock, 6) == [7, 10]
+
+    class Zero(ConstantPeriod):
+        def next_period(self, step, lr, trainer=None):
+            return 0
+
+    with pytest.raises(ValueError, match="returned period 0 < 1"):
+        SyncClock(Zero(1), warmup_steps=0).schedule_next(0, 0, 0.1, None)
