@@ -54,6 +54,7 @@ def test_state_round_trips_and_a_bad_schedule_is_refused():
     restored = SyncClock(ConstantPeriod(3), warmup_steps=1)
     restored.load_state_dict(clock.state_dict())
     assert (restored.steps, restored.next_sync, restored.period) == (clock.steps, clock.next_sync, clock.period)
+    assert _run(SyncClock(ConstantPeriod(1), warmup_steps=0), 3) == [1, 2, 3]  # period 1: averaging every step
     assert _run(restored, 6) == _run(clock, 6) == [7, 10]
 
     class Zero(ConstantPeriod):
@@ -62,3 +63,33 @@ def test_state_round_trips_and_a_bad_schedule_is_refused():
 
     with pytest.raises(ValueError, match="returned period 0 < 1"):
         SyncClock(Zero(1), warmup_steps=0).schedule_next(0, 0, 0.1, None)
+
+
+class _Asked(ConstantPeriod):
+    """Records what the clock asks and restores; answers 2 + step."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.asked, self.loaded = [], []
+
+    def next_period(self, step, lr, trainer=None):
+        self.asked.append((step, lr, trainer))
+        return 2 + step
+
+    def state_dict(self):
+        return {"asked": len(self.asked)}
+
+    def load_state_dict(self, state):
+        self.loaded.append(state)
+
+
+def test_before_any_step_the_answer_comes_from_the_schedule_with_the_current_lr():
+    assert SyncClock(ConstantPeriod(4), warmup_steps=1).steps_to_next_sync(0.1) == "warmup"
+    schedule = _Asked()
+    assert SyncClock(schedule, warmup_steps=0).steps_to_next_sync(0.3) == 2
+    assert schedule.asked == [(0, 0.3, None)]
+    SyncClock(schedule, warmup_steps=0).schedule_next(0, 5, 0.2, "the trainer")
+    assert schedule.asked[-1] == (5, 0.2, "the trainer")  # CurvatureAdaptivePeriod reads the trainer
+    restored = _Asked()
+    SyncClock(restored, warmup_steps=0).load_state_dict(SyncClock(schedule, warmup_steps=0).state_dict())
+    assert restored.loaded == [{"asked": 2}]
