@@ -94,7 +94,7 @@ def test_constant_horizon_grows_the_period_as_the_lr_decays():
     s = Counting(period=ConstantHorizon(0.3), alpha=0.3)
     ours, final = _fit(s, steps=24, model=_Decay(bn=False))
     assert not torch.allclose(final, ours[-1])  # step 24 is mid-period: fit hands back the slow weights
-    assert syncs == [3, 6, 9, 15] and s._period_now[0] == 12
+    assert syncs == [3, 6, 9, 15] and s.clock.period[0] == 12
 
 
 def test_timm_lookahead_differs_only_by_its_lazy_first_slow_update():

@@ -90,7 +90,7 @@ class Recorder(Callback):
             if meter.syncs > self._syncs_seen:
                 self.sync_log.append((trainer.global_step, self._tau))
                 self._syncs_seen = meter.syncs
-            self._tau = getattr(strat, "_period_now", {}).get(0)
+            self._tau = getattr(getattr(strat, "clock", None), "period", {}).get(0)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.total_steps = trainer.global_step
@@ -100,7 +100,7 @@ class Recorder(Callback):
             return
         cm = trainer.callback_metrics
         strat = trainer.strategy
-        period = getattr(strat, "_period_now", {}).get(0)
+        period = getattr(getattr(strat, "clock", None), "period", {}).get(0)
         meter = getattr(strat, "meter", None)
         self.rows.append(
             {

@@ -137,14 +137,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
     def warmup_steps(self) -> int:
         return self.clock.warmup_steps
 
-    @property
-    def _steps(self) -> dict[int, int]:  # read by tests and examples/reproductions/lookahead_horizon.py
-        return self.clock.steps
-
-    @property
-    def _period_now(self) -> dict[int, int]:  # read by tests and examples/reproductions/lookahead_horizon.py
-        return self.clock.period
-
     # ------------------------------------------------------------------ setup and teardown
     @override
     def _configure_launcher(self) -> None:

@@ -19,7 +19,7 @@ class Record(LocalSGDStrategy):
     def _schedule_next(self, idx, step):
         super()._schedule_next(idx, step)
         info = getattr(self.lightning_module.trainer, "lightning_opt_curvature", None)
-        self.log_.append((step, self._period_now[idx], None if info is None else dict(info)))
+        self.log_.append((step, self.clock.period[idx], None if info is None else dict(info)))
 
 
 schedule = CurvatureAdaptivePeriod(c=0.5, min_period=1, max_period=40, default_period=2)

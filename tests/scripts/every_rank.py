@@ -119,7 +119,7 @@ for name, make in STRATEGIES.items():
     trainer(strategy, max_steps=-1, max_epochs=1, callbacks=[weights]).fit(model)
     results["two_opt"][name] = {
         "params": torch.stack(weights.params), "pre": torch.stack(strategy.pre), "post": torch.stack(strategy.post),
-        "sync_ids": strategy.sync_ids, "syncs": strategy.meter.syncs, "steps": dict(strategy._steps),
+        "sync_ids": strategy.sync_ids, "syncs": strategy.meter.syncs, "steps": dict(strategy.clock.steps),
         "n_first": sum(p.numel() for p in model.net[0].parameters()),
         "leaders": [h["leader"] for h in getattr(strategy, "history", [])],
     }

@@ -46,6 +46,6 @@ class HorizonModel(TinyModel):
 
 m, rec = HorizonModel(), Recorder()
 trainer(s, max_steps=40, callbacks=[rec]).fit(m)
-results["horizon"] = {"params": torch.stack(rec.params), "syncs": s.meter.syncs, "period": s._period_now[0],
+results["horizon"] = {"params": torch.stack(rec.params), "syncs": s.meter.syncs, "period": s.clock.period[0],
                       "bytes": s.meter.bytes, "ddp_bytes": s.meter.ddp_bytes}
 torch.save(results, out / f"rank{rank()}.pt")

@@ -73,7 +73,7 @@ def run(strategy_name, opt, max_epochs, ckpt_dir=None, ckpt_path=None):
                       for k, s in opt_state["state"].items()},
         "opt_extra": opt_state.get("lightning_opt"),
         "tam": tam.state_dict(),
-        "steps": dict(t.strategy._steps),
+        "steps": dict(t.strategy.clock.steps),
     }
 
 
