@@ -26,7 +26,7 @@ def fit(strategy, max_steps, ckpt_path=None, save_to=None):
         except ValueError as err:
             error = str(err)
     return {"warnings": [str(w.message) for w in caught], "error": error,
-            "steps": dict(getattr(strategy, "_steps", {}))}
+            "steps": dict(getattr(getattr(strategy, "clock", None), "steps", {}))}
 
 
 def local_sgd():
