@@ -17,6 +17,11 @@ def test_overlapped_sums_match_all_reduce_and_start_during_backward():
         assert r["err_unused"] <= 1e-6  # a parameter without a gradient on one rank contributes zeros there
         assert r["late_double_backward"]  # the caller is told to reduce again
         assert r["launched_unarmed"] == 0
+        # the trailer (non-finite flags, counts) rides in the last bucket: one collective per bucket, no more
+        assert r["collectives_with_trailer"] == r["buckets"] and r["err_trailer"] <= 1e-6
+        assert r["trailer"] == [3.0, 0.25, 6.0] and r["trailer_second_step"] == [4.0, 0.0, 2.0]
+        assert r["flat_collectives"] == r["flat_buckets"] >= 2 and r["err_flat"] <= 1e-6 and r["t32"] == [3.0, 3.0]
+        assert r["flat_collectives_f64"] == r["flat_buckets"] + 1 and r["t64_exact"]  # float64 never rounded to 32
 
 
 def test_all_finite_fast_path_and_overflow():

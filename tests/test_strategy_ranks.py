@@ -89,6 +89,59 @@ def test_drop_on_gradients_steps_with_the_healthy_mean_gradient():
             torch.testing.assert_close(params[t], workers[0].flat(), atol=2e-6, rtol=1e-5)
 
 
+def test_a_rank_whose_step_raises_during_an_averaged_step_stops_the_others_at_once():
+    """Lookahead sync mode averages gradients every step. Rank 1's training_step raises at step 3: it still issues
+    the step's collectives (flagged bad, so the gradient sums stay the same size on every rank) and re-raises its
+    own error; rank 0 refuses the step with NonFiniteError naming rank 1 instead of waiting out the timeout."""
+
+    class Fails(TinyModel):
+        def training_step(self, batch, batch_idx):
+            if self.global_rank == 1 and self.trainer.global_step == 2:
+                raise KeyError("bad record")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RankError) as info:
+        _fit_ranks(2, lambda: LookaheadStrategy(period=3, alpha=0.3), 6, models=[Fails(bn=False) for _ in range(2)])
+    first, second = info.value.errors
+    assert isinstance(first, NonFiniteError) and "rank(s) [1] at optimizer step 3" in str(first), first
+    assert isinstance(second, KeyError) and "bad record" in str(second), second
+
+
+@pytest.mark.parametrize("strategy", ["lookahead_sync", "local_sgd_outer", "easgd"])
+def test_a_param_group_added_mid_fit_joins_the_averages(strategy):
+    """The strategies keep per-parameter state (slow weights, anchors, outer momentum, EASGD's centre) aligned with
+    the optimizer's parameters, a list rebuilt only when the param groups change. A group added after step 3 (as
+    fine-tuning callbacks unfreeze a backbone) joins at once: it trains, the ranks (on different data) hold the
+    same value after the last sync (Lookahead sync: after every step), and the DDP-equivalent byte count grows by
+    its size from step 4 on. (Before, the state lists kept their old length and the next sync crashed.)"""
+
+    class Late(TinyModel):
+        def __init__(self):
+            super().__init__(bn=False)
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * self.scale.sum() / 3
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=self.lr)
+
+    class Unfreeze(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                trainer.optimizers[0].add_param_group({"params": [pl_module.scale]})
+
+    make = {"lookahead_sync": lambda: LookaheadStrategy(period=2, alpha=0.3),
+            "local_sgd_outer": lambda: LocalSGDStrategy(period=2, outer_lr=0.7, outer_momentum=0.6),
+            "easgd": lambda: EASGDStrategy(period=2, beta=0.43)}[strategy]
+    (s0, m0, _), (_, m1, _) = _fit_ranks(2, make, 8, models=[Late(), Late()], callbacks=[Unfreeze()])
+    assert torch.isfinite(m0.scale).all() and not torch.equal(m0.scale.detach(), torch.ones(3))  # it trained
+    if strategy != "easgd":  # EASGD's elastic pull leaves the workers apart by design
+        torch.testing.assert_close(m0.scale.detach(), m1.scale.detach(), atol=0, rtol=0)
+    base = sum(p.numel() * 4 for p in m0.net.parameters())
+    assert s0.meter.ddp_bytes == 8 * base + 5 * 3 * 4  # steps 4-8 carry the 3 new floats
+
+
 @pytest.mark.parametrize("strategy,where", [("local_sgd", "parameters on rank(s) [1] at optimizer step 6"),
                                              ("lookahead_sync", "gradients on rank(s) [1] at optimizer step 5"),
                                              ("lsgd", "parameters on rank(s) [1] at optimizer step 6"),

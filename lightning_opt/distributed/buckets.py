@@ -16,7 +16,7 @@ from lightning_opt._tensors import accumulation_dtype, flatten, unflatten_into
 from lightning_opt.distributed.meter import CommMeter
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "CommMeter", "all_finite", "all_reduce_flat", "broadcast_flat", "bucket_indices",
-           "flatten", "is_dist", "nbytes", "unflatten_into", "write_back"]
+           "flatten", "is_dist", "nbytes", "rides_with", "unflatten_into", "write_back"]
 
 DEFAULT_BUCKET_CAP_MB = 25.0
 
@@ -51,19 +51,43 @@ def all_reduce_flat(
     meter: CommMeter | None = None,
     group=None,
     cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+    trailer: Tensor | None = None,
 ) -> list[tuple[list[int], Tensor]]:
     """Sum ``tensors`` over the group in flat buckets and return ``[(indices, reduced_flat)]`` without writing
     back, so the caller can inspect the result (e.g. for non-finite values) before committing it. Half-precision
     buckets are summed in fp32 (a sum over many ranks overflows fp16 and loses bf16 precision). On a single
-    process the sum is the tensors themselves (no collective)."""
+    process the sum is the tensors themselves (no collective).
+
+    ``trailer``: a small vector (flags, counts) summed over the group *in place*; it rides at the end of the last
+    bucket when that bucket's dtype holds it exactly (see :func:`rides_with`), so it costs no collective of its
+    own."""
     out = []
-    for idx in bucket_indices(tensors, int(cap_mb * 2**20)):
-        flat = flatten([tensors[i] for i in idx], dtype=accumulation_dtype(tensors[idx[0]].dtype))
+    buckets = bucket_indices(tensors, int(cap_mb * 2**20))
+    for b, idx in enumerate(buckets):
+        dtype = accumulation_dtype(tensors[idx[0]].dtype)
+        parts = [tensors[i] for i in idx]
+        ride = trailer is not None and b == len(buckets) - 1 and rides_with(trailer, dtype, parts[0].device)
+        flat = flatten([*parts, trailer] if ride else parts, dtype=dtype)
         if is_dist():
             dist.all_reduce(flat, group=group)
             _count(meter, flat)
+        if ride:
+            n = flat.numel() - trailer.numel()
+            trailer.copy_(flat[n:])
+            flat = flat[:n]
+            trailer = None
         out.append((idx, flat))
+    if trailer is not None and is_dist():
+        dist.all_reduce(trailer, group=group)
+        _count(meter, trailer)
     return out
+
+
+def rides_with(trailer: Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``trailer`` can travel inside a bucket of ``dtype`` on ``device`` without losing a bit: a
+    floating-point bucket at least as wide as the trailer."""
+    return (dtype.is_floating_point and trailer.device == device
+            and torch.promote_types(dtype, trailer.dtype) == dtype)
 
 
 @torch.no_grad()

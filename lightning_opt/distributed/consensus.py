@@ -1,8 +1,9 @@
 """Agreeing across ranks under the non-finite policy: :func:`agree` is the one place where every strategy decides
 what a non-finite value on some rank means. Never imports Lightning.
 
-One call sums the tensors over ranks in flat buckets (or only compares, ``total=False``) and runs one extra tiny
-all-reduce that carries every rank's non-finite flag, so every rank takes the same decision:
+One call sums the tensors over ranks in flat buckets (or only compares, ``total=False``); every rank's non-finite
+flag rides at the end of the last bucket (with ``total=False`` it is the one tiny all-reduce), so every rank takes
+the same decision at no extra collective:
 
 * ``policy="raise"``: :class:`NonFiniteError` on every rank, naming the ranks and the optimizer step, before
   anything is written;
@@ -85,18 +86,22 @@ def agree(
     local_bad = corrupt(tensors) if corrupt is not None else not all_finite(tensors)
     drop = local_bad and policy == "drop"
     src = [torch.zeros_like(t) for t in tensors] if drop else list(tensors)
-    buckets = []
-    if total:
-        buckets = summed.finish() if summed is not None else all_reduce_flat(src, meter=meter, cap_mb=cap_mb)
     world, me = (dist.get_world_size(), dist.get_rank()) if is_dist() else (1, 0)
     extra = torch.zeros(0) if payload is None else payload.reshape(-1)
-    # [one flag per rank | with total: "a gradient changed after its bucket left" | the payload]
-    flags = torch.zeros(world + int(total) + extra.numel(), device=(tensors[0] if tensors else extra).device)
+    # [one flag per rank | with total: "a gradient changed after its bucket left" | the payload]; with total it
+    # rides at the end of the last bucket (no collective of its own), else it is the one collective
+    flags = torch.zeros(world + int(total) + extra.numel(), device=(tensors[0] if tensors else extra).device,
+                        dtype=torch.promote_types(extra.dtype, torch.float32))
     flags[me] = float(local_bad)
     if total:
         flags[world] = float(summed is not None and summed.late)
     flags[world + int(total):] = extra
-    if is_dist():
+    buckets = []
+    if total and summed is not None:
+        buckets = summed.finish(trailer=flags)
+    elif total:
+        buckets = all_reduce_flat(src, meter=meter, cap_mb=cap_mb, trailer=flags)
+    elif is_dist():
         dist.all_reduce(flags)
         if meter is not None:
             meter.add(flags.numel() * flags.element_size())

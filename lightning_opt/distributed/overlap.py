@@ -9,8 +9,11 @@ all-reduce needs the cores backward uses; ``benchmarks/RESULTS.md``); its case i
 
 Buckets are built over the parameters in reverse order (gradients become ready roughly from the last layer to
 the first) and launched strictly in bucket order, so every rank issues the same collectives in the same order
-whatever order its hooks fire in. The gradients themselves are not touched: each is *copied* into its bucket,
-so the caller can still inspect the local values (non-finite checks) and reduce them again if needed.
+whatever order its hooks fire in. The last bucket (the first layers, ready only as backward ends) is launched by
+:meth:`finish`, so a trailer of flags decided after backward (non-finite gradients, late changes) rides in it and
+the step needs no collective beyond the buckets, as in DDP. The gradients themselves are not touched: each is
+*copied* into its bucket, so the caller can still inspect the local values (non-finite checks) and reduce them
+again if needed.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_opt._tensors import accumulation_dtype
-from lightning_opt.distributed.buckets import bucket_indices, nbytes
+from lightning_opt.distributed.buckets import bucket_indices, nbytes, rides_with
 from lightning_opt.distributed.meter import CommMeter
 
 #: DDP's choice: a small first bucket so the first all-reduce starts early in backward.
@@ -55,21 +58,36 @@ class OverlappedGradSum:
             for i in idx:
                 self._slot[i] = (b, offset)
                 offset += self.params[i].numel()
+        self._sizes = [sum(self.params[i].numel() for i in idx) for idx in self.buckets]
         self._flat: list[Tensor | None] = [None] * len(self.buckets)
+        self._spare = 0  # room for a trailer at the end of the last bucket's buffer
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
         self._armed = False
         self._ready: list[set[int]] = []
         self._launched = 0
-        self._works: list[tuple[int, Any]] = []
+        self._works: list[tuple[Any, Tensor]] = []
         self.late = False  # a gradient changed after its bucket was launched (then finish() reduces again)
 
     def _buffer(self, b: int) -> Tensor:
         flat = self._flat[b]
         if flat is None:
             first = self.params[self.buckets[b][0]]
-            n = sum(self.params[i].numel() for i in self.buckets[b])
+            n = self._numel(b) + (self._spare if b == len(self.buckets) - 1 else 0)
             flat = self._flat[b] = torch.empty(n, dtype=accumulation_dtype(first.dtype), device=first.device)
         return flat
+
+    def _numel(self, b: int) -> int:
+        return self._sizes[b]
+
+    def _make_room(self, spare: int) -> None:
+        """Grow the last bucket's buffer to hold a trailer of ``spare`` elements (once; its gradients are kept)."""
+        if spare <= self._spare:
+            return
+        self._spare = spare
+        last, old = len(self.buckets) - 1, self._flat[-1]
+        self._flat[last] = None
+        if old is not None:
+            self._buffer(last)[:old.numel()].copy_(old)
 
     def arm(self) -> None:
         self._armed = True
@@ -93,12 +111,16 @@ class OverlappedGradSum:
         return hook
 
     def _launch_complete(self) -> None:
-        while self._launched < len(self.buckets) and len(self._ready[self._launched]) == len(
+        # The last bucket waits for finish(), where its trailer is known.
+        while self._launched < len(self.buckets) - 1 and len(self._ready[self._launched]) == len(
                 self.buckets[self._launched]):
             self._launch(self._launched)
 
     def _launch(self, b: int) -> None:
-        self._works.append((b, dist.all_reduce(self._buffer(b), async_op=True)))
+        self._launch_slice(self._buffer(b)[:self._numel(b)])
+
+    def _launch_slice(self, flat: Tensor) -> None:
+        self._works.append((dist.all_reduce(flat, async_op=True), flat))
         self._launched += 1
 
     @torch.no_grad()
@@ -114,17 +136,38 @@ class OverlappedGradSum:
                     flat[offset:offset + n].copy_(p.grad.detach().reshape(-1))
             offset += n
 
-    def finish(self) -> list[tuple[list[int], Tensor]]:
-        """Launch what backward left (unused parameters), wait for every bucket and return the sums."""
+    def finish(self, trailer: Tensor | None = None) -> list[tuple[list[int], Tensor]]:
+        """Launch what backward left (unused parameters, the last bucket), wait for every bucket and return the
+        sums. ``trailer``: a small vector summed over ranks in place, inside the last bucket when its dtype holds it
+        exactly (else in a collective of its own), as in
+        :func:`~lightning_opt.distributed.buckets.all_reduce_flat`."""
         self._armed = False
+        last = len(self.buckets) - 1
+        ride = trailer is not None and rides_with(trailer, self._buffer(last).dtype, self._buffer(last).device)
+        if ride:
+            self._make_room(trailer.numel())
         for b in range(self._launched, len(self.buckets)):
             self._fill(b)
-            self._launch(b)
-        for b, work in self._works:
+            if b == last:
+                flat = self._buffer(b)
+                n = self._numel(b)
+                if ride:
+                    flat[n:n + trailer.numel()].copy_(trailer)
+                self._launch_slice(flat[:n + trailer.numel()] if ride else flat[:n])
+            else:
+                self._launch(b)
+        for work, flat in self._works:
             work.wait()
             if self.meter is not None:
-                self.meter.add(nbytes([self._flat[b]]))
-        return [(idx, self._flat[b]) for b, idx in enumerate(self.buckets)]
+                self.meter.add(nbytes([flat]))
+        if ride:
+            n = self._numel(last)
+            trailer.copy_(self._buffer(last)[n:n + trailer.numel()])
+        elif trailer is not None:
+            dist.all_reduce(trailer)
+            if self.meter is not None:
+                self.meter.add(nbytes([trailer]))
+        return [(idx, self._buffer(b)[:self._numel(b)]) for b, idx in enumerate(self.buckets)]
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -9,6 +9,7 @@ dropped from a parameter average loses its optimizer state (its weights are rese
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,10 +19,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_opt._tensors import accumulation_dtype
-from lightning_opt.distributed import Agreement, CommMeter, agree, broadcast_flat, is_dist
+from lightning_opt.distributed import Agreement, CommMeter, agree, broadcast_flat, is_dist, nbytes
 from lightning_opt.distributed.buffers import BufferRules
+from lightning_opt.distributed.consensus import NonFiniteError
 from lightning_opt.distributed.overlap import OverlappedGradSum
 from lightning_opt.strategies._clock import SyncClock
+
+
+def realign(values: list[Tensor], old: list[Tensor], new: list[Tensor],
+            fresh: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """Per-parameter ``values`` (aligned with ``old``) re-aligned with ``new``: kept for parameters in both,
+    ``fresh(p)`` for a parameter that joined."""
+    by_id = {id(p): v for p, v in zip(old, values)}
+    return [by_id[id(p)] if id(p) in by_id else fresh(p) for p in new]
 
 
 class SyncAveraging:
@@ -38,7 +48,7 @@ class SyncAveraging:
     lightning_module: nn.Module
     _buffer_rules: BufferRules
     _grad_sums: dict[int, OverlappedGradSum]
-    _opt_params: Callable[[int], list[Tensor]]
+    _param_views: dict[int, tuple[tuple, list[Tensor], int]]
     clock: SyncClock
 
     @property
@@ -48,6 +58,27 @@ class SyncAveraging:
     @property
     def rank(self) -> int:
         return dist.get_rank() if is_dist() else 0
+
+    def _opt_params(self, idx: int) -> list[Tensor]:
+        """Optimizer ``idx``'s parameters, each once, in param-group order."""
+        return self._param_view(idx)[0]
+
+    def _param_view(self, idx: int) -> tuple[list[Tensor], int]:
+        """Optimizer ``idx``'s parameters and the bytes of those that train (DDP's per-step payload), rebuilt only
+        when its param groups change: a per-step rebuild costs Python time that grows with the parameters."""
+        groups = self.optimizers[idx].param_groups
+        key = (id(self.optimizers[idx]), *((id(g["params"]), len(g["params"])) for g in groups))
+        cached = self._param_views.get(idx)
+        if cached is None or cached[0] != key:
+            params = list({id(p): p for group in groups for p in group["params"]}.values())
+            if cached is not None:
+                self._params_changed(idx, cached[1], params)
+            cached = self._param_views[idx] = (key, params, nbytes([p for p in params if p.requires_grad]))
+        return cached[1], cached[2]
+
+    def _params_changed(self, idx: int, old: list[Tensor], new: list[Tensor]) -> None:
+        """Optimizer ``idx``'s parameters changed mid-fit (a param group added, e.g. a backbone unfrozen): realign
+        per-parameter state with :func:`realign`."""
 
     def _module_tensors(self) -> list[Tensor]:
         module = self.lightning_module
@@ -94,7 +125,10 @@ class SyncAveraging:
             try:
                 out = closure()
             except BaseException:
-                summer.finish()  # every rank issued the same collectives: complete them before raising
+                # Issue the collectives every rank issues (same sizes), flagged bad, before raising: the other
+                # ranks then refuse this step (raise) or leave this rank out (drop) instead of mixing half a sum.
+                with contextlib.suppress(NonFiniteError):
+                    self._average_grads(step, summer, failed=True)
                 raise
             self._average_grads(step, summer)
             return out
@@ -111,12 +145,14 @@ class SyncAveraging:
             summer = self._grad_sums[idx] = OverlappedGradSum(params, self.bucket_cap_mb, self.meter)
         return summer
 
-    def _average_grads(self, step: int, summer: OverlappedGradSum) -> None:
-        """Every rank's gradients become the healthy ranks' mean, before the optimizer (and the monitors) see them."""
+    def _average_grads(self, step: int, summer: OverlappedGradSum, failed: bool = False) -> None:
+        """Every rank's gradients become the healthy ranks' mean, before the optimizer (and the monitors) see them.
+        ``failed``: this rank's closure raised; it takes part in the collectives as a bad rank."""
         params = summer.params
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-        agreement = self._average(grads, "gradients", step, payload=has_grad, summed=summer)
+        judge = {"corrupt": lambda _: True} if failed else {}
+        agreement = self._average(grads, "gradients", step, payload=has_grad, summed=summer, **judge)
         agreement.write(grads)
         for p, g, c in zip(params, grads, agreement.payload.tolist()):
             if p.grad is None and c > 0:
@@ -125,8 +161,9 @@ class SyncAveraging:
     def _agree(self, tensors: list[Tensor], what: str, step: int, **kwargs: Any) -> Agreement:
         """:func:`~lightning_opt.distributed.consensus.agree` under this strategy's policy, judged by the buffer
         rules (a buffer's by-design non-finite entries are no corruption), counted on its meter."""
-        return agree(tensors, policy=self.nonfinite, what=what, step=step, corrupt=self._buffer_rules.corrupt,
-                     meter=self.meter, cap_mb=self.bucket_cap_mb, **kwargs)
+        kwargs.setdefault("corrupt", self._buffer_rules.corrupt)
+        return agree(tensors, policy=self.nonfinite, what=what, step=step, meter=self.meter,
+                     cap_mb=self.bucket_cap_mb, **kwargs)
 
     def _average(self, tensors: list[Tensor], what: str, step: int, **kwargs: Any) -> Agreement:
         """Sum over ranks (:meth:`_agree`); a dropped rank is told so and, unless only its gradients were replaced,

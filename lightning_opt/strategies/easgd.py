@@ -11,6 +11,7 @@ from typing_extensions import override
 from lightning_opt._tensors import accumulation_dtype
 from lightning_opt._validation import check_float
 from lightning_opt.distributed import is_dist
+from lightning_opt.strategies._averaging import realign
 from lightning_opt.strategies.periodic import PeriodicSyncStrategy
 from lightning_opt.strategies.schedules import PeriodSchedule
 
@@ -81,6 +82,13 @@ class EASGDStrategy(PeriodicSyncStrategy):
             params = self._opt_params(idx)
             means = self._world_mean(params, "parameters", step)
             self._center[idx] = [m.to(accumulation_dtype(p.dtype)).clone() for m, p in zip(means, params)]
+
+    @override
+    def _params_changed(self, idx: int, old: list[Tensor], new: list[Tensor]) -> None:
+        # A parameter that joins mid-fit (frozen until then, so identical on every rank) is its own centre.
+        if idx in self._center:
+            self._center[idx] = realign(self._center[idx], old, new,
+                                        lambda p: p.detach().to(accumulation_dtype(p.dtype)).clone())
 
     # ------------------------------------------------------------------ sync
     @override

@@ -41,7 +41,7 @@ from typing_extensions import override
 from lightning_opt._ownership import RankLocal
 from lightning_opt._trainer_steps import log_scalars, logs_this_step
 from lightning_opt._validation import as_timeout, check_bool, check_choice, check_float, check_int
-from lightning_opt.distributed import CommMeter, broadcast_flat, is_dist, nbytes
+from lightning_opt.distributed import CommMeter, broadcast_flat, is_dist
 from lightning_opt.distributed.buffers import BufferRules
 from lightning_opt.distributed.consensus import POLICIES
 from lightning_opt.distributed.lifecycle import LaunchRecord
@@ -126,6 +126,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         self._stash: list[Tensor] | None = None  # the local weights while the consensus is swapped in
         self._restored: SavedRun | None = None
         self._grad_sums: dict[int, OverlappedGradSum] = {}
+        self._param_views: dict[int, tuple[tuple, list[Tensor], int]] = {}  # see SyncAveraging._param_view
         self._buffer_rules = BufferRules()
         self._launch_record = LaunchRecord()
 
@@ -186,10 +187,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
                 return i
         return 0
 
-    def _opt_params(self, idx: int) -> list[Tensor]:
-        """Optimizer ``idx``'s parameters, each once, in param-group order."""
-        return list({id(p): p for group in self.optimizers[idx].param_groups for p in group["params"]}.values())
-
     def _lr(self, idx: int) -> float:
         return float(self.optimizers[idx].param_groups[0]["lr"])
 
@@ -198,6 +195,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
         idx = self._opt_index(optimizer)
+        self._param_view(idx)  # param groups changed since the last step: realign per-parameter state first
         step = self.clock.upcoming(idx)
         warmup = self.clock.in_warmup(step)
         averaged = (warmup or self.average_gradients_every_step) and is_dist()
@@ -208,7 +206,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self.clock.count(idx, step)
         self._after_inner_step(idx, step, output)
-        self.meter.ddp_bytes += nbytes([p for p in self._opt_params(idx) if p.requires_grad])
+        self.meter.ddp_bytes += self._param_view(idx)[1]
         if averaged and idx == 0:
             # DDP broadcasts buffers from rank 0 before each forward; doing it after the step is equivalent.
             broadcast_flat(list(self.lightning_module.buffers()), src=0, meter=self.meter)

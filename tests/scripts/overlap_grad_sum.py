@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_opt.distributed.buckets import all_reduce_flat
 from lightning_opt.distributed.overlap import OverlappedGradSum
 
 
@@ -33,6 +34,30 @@ def compare(buckets, params, ref) -> float:
             err = max(err, float((flat[offset:offset + n] - ref[i].reshape(-1)).abs().max()))
             offset += n
     return err
+
+
+def count_all_reduces() -> list[int]:
+    """Count the calls to ``dist.all_reduce`` from now on (the modules look it up on ``dist`` at call time)."""
+    calls = [0]
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    return calls
+
+
+def second_step_trailer(summer, params, loss) -> list[float]:
+    """A second armed step reuses the grown last bucket: its trailer is summed afresh, not accumulated."""
+    for p in params:
+        p.grad = None
+    summer.arm()
+    loss(True).backward()
+    trailer = torch.tensor([2.0, 0.0, 1.0])
+    summer.finish(trailer=trailer)
+    return trailer.tolist()
 
 
 def main() -> None:
@@ -75,6 +100,30 @@ def main() -> None:
     loss(True).backward()
     summer.finish()
     result["late_double_backward"] = summer.late
+
+    # e) a trailer rides in the last bucket: no collective beyond the buckets, sums unchanged
+    calls = count_all_reduces()
+    for p in params:
+        p.grad = None
+    summer.arm()
+    loss(True).backward()
+    trailer = torch.tensor([1.0 + rank, 0.25 * rank, 3.0])
+    buckets = summer.finish(trailer=trailer)
+    result["collectives_with_trailer"] = calls[0]
+    result["err_trailer"] = compare(buckets, params, reference(params))
+    result["trailer"] = trailer.tolist()
+    result["trailer_second_step"] = second_step_trailer(summer, params, loss)
+
+    # f) all_reduce_flat: a float32 trailer rides in float32 buckets; a float64 one travels alone, exactly
+    grads = [p.grad for p in params]
+    calls[0] = 0
+    buckets = all_reduce_flat(grads, cap_mb=1.0, trailer=(t32 := torch.full((2,), 1.0 + rank)))
+    result["flat_buckets"], result["flat_collectives"] = len(buckets), calls[0]
+    result["err_flat"] = compare(buckets, params, reference(params))
+    calls[0] = 0
+    all_reduce_flat(grads, cap_mb=1.0, trailer=(t64 := torch.full((1,), 1 / 3 + rank, dtype=torch.float64)))
+    result["flat_collectives_f64"] = calls[0]
+    result["t32"], result["t64_exact"] = t32.tolist(), float(t64) == (1 / 3) + (1 / 3 + 1)
 
     # d) not armed: hooks do nothing
     for p in params:
