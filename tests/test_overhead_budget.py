@@ -128,3 +128,17 @@ def test_stop_folds_the_fit_time_into_the_total():
     budget.start(10)
     clock.t = 103.0
     assert budget.elapsed() == pytest.approx(8.0)
+
+
+def test_room_forecasts_what_the_rest_of_a_fit_of_known_length_affords():
+    clock = FakeClock()
+    budget = OverheadBudget(0.1, clock=clock)
+    budget.start(0)
+    assert budget.room(0, 1000) == pytest.approx(0.0)  # no step timed yet: no training to come is counted
+    clock.t = 10.0  # 100 steps of 0.1 s; 900 more to come
+    # S + X <= b (T + R + X): X = (0.1 (10 + 90) - 0) / 0.9
+    assert budget.room(100, 1000) == pytest.approx(100 / 9)
+    clock.t = 12.0  # a 2 s measurement at step 100 takes exactly 2 s off the room (its own time counts as fit time)
+    budget.charge(2.0)
+    assert budget.room(100, 1000) == pytest.approx(100 / 9 - 2)
+    assert budget.room(1000, 1000) == pytest.approx((0.1 * 12 - 2) / 0.9)  # at the end: overspent, negative

@@ -205,7 +205,37 @@ class SlowNet(TinyNet):
         return super().training_step(batch, batch_idx)
 
 
-def test_cost_aware_default_keeps_the_monitor_within_its_budget(tmp_path):
+_SCHEDULE = "lightning_opt.callbacks._sharpness_schedule"
+
+
+def _said(monkeypatch) -> list[str]:
+    """What the schedule tells the user (INFO notes and warnings), in order."""
+    said = []
+    for name in ("rank_zero_info", "rank_zero_warn"):
+        monkeypatch.setattr(f"{_SCHEDULE}.{name}", said.append)
+    return said
+
+
+def _endless(monkeypatch) -> None:
+    """Lightning cannot tell the fit's length (as with ``max_epochs=-1``): the schedule without a forecast."""
+    monkeypatch.setattr(pl.Trainer, "estimated_stepping_batches", property(lambda self: float("inf")))
+
+
+class _StopAt(pl.Callback):
+    """Ends the fit after optimizer step ``step`` (a fit interrupted before its ``max_steps``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("length", ["known", "endless"])
+def test_cost_aware_default_keeps_the_monitor_within_its_budget(tmp_path, monkeypatch, length):
+    if length == "endless":
+        _endless(monkeypatch)
     pl.seed_everything(0)
     mon = SharpnessMonitor(max_overhead=0.2, max_iter=30)
     assert mon.every_n_steps is None
@@ -213,22 +243,43 @@ def test_cost_aware_default_keeps_the_monitor_within_its_budget(tmp_path):
     _trainer(tmp_path, [mon], max_steps=150, logger=logger).fit(SlowNet(), loader())
     steps = [int(h["step"]) for h in mon.history]
     assert len(steps) >= 4, steps  # a measurement costs a few 10 ms steps: the budget allows many
-    assert steps[0] > CALIBRATION_STEPS  # calibration first, then the first affordable step
     # every measurement ran exactly at the step the previous one planned (and logged)
     assert [int(h["curvature/next_step"]) for h in mon.history[:-1]] == steps[1:]
     overhead = [h["curvature/overhead"] for h in mon.history]
-    # the share right after a measurement is about the budget (a measurement slower than the last one, whose cost
-    # the plan assumed, overshoots once; the next plans pay it back)
-    assert sorted(overhead)[len(overhead) // 2] <= 0.3, overhead
+    if length == "known":
+        # spread over the 150 steps: the first right after the calibration (5% of the fit is step 8)
+        assert steps[0] == CALIBRATION_STEPS + 1
+    else:
+        assert steps[0] > CALIBRATION_STEPS  # calibration first, then the first affordable step
+        # the share right after a measurement is about the budget (a measurement slower than the last one, whose
+        # cost the plan assumed, overshoots once; the next plans pay it back)
+        assert sorted(overhead)[len(overhead) // 2] <= 0.3, overhead
     assert 0.0 < mon._budget.share() <= 0.3
     assert mon._budget.share() >= 0.05  # and the schedule does use the budget (not vacuously cheap)
     scalars = _scalars(logger.log_dir)
     assert [s for s, _ in scalars["curvature/overhead"]] == [s - 1 for s in steps]  # Lightning's step: batch index
 
 
+def test_a_fit_the_budget_cannot_pay_for_says_so_once(tmp_path, monkeypatch):
+    warned, info = [], []
+    monkeypatch.setattr(f"{_SCHEDULE}.rank_zero_warn", warned.append)
+    monkeypatch.setattr(f"{_SCHEDULE}.rank_zero_info", info.append)
+    mon = SharpnessMonitor(max_overhead=0.001)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = _trainer(tmp_path, [mon], max_steps=40, logger=logger)
+    trainer.fit(TinyNet(), loader())
+    assert mon.history == [] and mon._budget.next_step == 41  # past the fit's last step
+    assert len(warned) == 1 and "the budget allows no measurement in this fit (needs " in warned[0]
+    assert info == []  # the end of the fit does not say it again
+    assert trainer.progress_bar_metrics["sharpness"].startswith("no measurement in this fit (needs ")
+    acc = EventAccumulator(str(logger.log_dir))
+    acc.Reload()
+    assert "curvature/schedule/text_summary" in acc.Tags()["tensors"]
+
+
 def test_cost_aware_default_defers_an_unaffordable_measurement(tmp_path, monkeypatch):
-    messages = []
-    monkeypatch.setattr("lightning_opt.callbacks.sharpness.rank_zero_info", messages.append)
+    _endless(monkeypatch)
+    messages = _said(monkeypatch)
     mon = SharpnessMonitor(max_overhead=0.001)
     _trainer(tmp_path, [mon], max_steps=40).fit(TinyNet(), loader())
     assert mon.history == []
@@ -238,8 +289,7 @@ def test_cost_aware_default_defers_an_unaffordable_measurement(tmp_path, monkeyp
 
 
 def test_cost_aware_schedule_says_when_a_fit_is_too_short_to_calibrate(tmp_path, monkeypatch):
-    messages = []
-    monkeypatch.setattr("lightning_opt.callbacks.sharpness.rank_zero_info", messages.append)
+    messages = _said(monkeypatch)
     mon = SharpnessMonitor()
     _trainer(tmp_path, [mon], max_steps=CALIBRATION_STEPS - 1).fit(TinyNet(), loader())
     assert mon.history == [] and mon._budget.next_step is None
@@ -247,8 +297,8 @@ def test_cost_aware_schedule_says_when_a_fit_is_too_short_to_calibrate(tmp_path,
 
 
 def test_cost_aware_schedule_resumes_from_a_checkpoint(tmp_path, monkeypatch):
-    messages = []
-    monkeypatch.setattr("lightning_opt.callbacks.sharpness.rank_zero_info", messages.append)
+    _endless(monkeypatch)
+    messages = _said(monkeypatch)
     pl.seed_everything(0)
     mon = SharpnessMonitor(max_overhead=0.2, max_iter=20)
     trainer = _trainer(tmp_path, [mon], max_steps=30)
@@ -267,9 +317,32 @@ def test_cost_aware_schedule_resumes_from_a_checkpoint(tmp_path, monkeypatch):
     assert resumed._budget.spent > spent  # the accounting continued
 
 
+def test_a_resumed_fit_keeps_the_plan_made_for_its_length(tmp_path, monkeypatch):
+    said = _said(monkeypatch)
+    pl.seed_everything(0)
+    mon = SharpnessMonitor(max_overhead=0.2, max_iter=20)
+    trainer = _trainer(tmp_path, [mon, _StopAt(CALIBRATION_STEPS)], max_steps=1000)
+    trainer.fit(SlowNet(), loader())  # interrupted right after the calibration
+    assert mon.history == [] and any("fit to step 1000" in m for m in said)
+    planned = mon._budget.next_step
+    assert CALIBRATION_STEPS < planned <= 50  # the first within 5% of the 1000 steps
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    said.clear()
+    resumed = SharpnessMonitor(max_overhead=0.2, max_iter=20)
+    _trainer(tmp_path, [resumed, _StopAt(planned)], max_steps=1000).fit(SlowNet(), loader(), ckpt_path=ckpt)
+    assert said == []  # no recalibration: the plan for step 1000 is kept
+    assert [h["step"] for h in resumed.history] == [planned]
+
+    shorter = SharpnessMonitor(max_overhead=0.2, max_iter=20)
+    _trainer(tmp_path, [shorter, _StopAt(2 * CALIBRATION_STEPS)], max_steps=500).fit(SlowNet(), loader(),
+                                                                                       ckpt_path=ckpt)
+    assert any("fit to step 500" in m for m in said)  # another length: a plan for it, after a new calibration
+
+
 def test_a_reused_monitor_starts_a_new_schedule_on_a_new_run(tmp_path, monkeypatch):
-    messages = []
-    monkeypatch.setattr("lightning_opt.callbacks.sharpness.rank_zero_info", messages.append)
+    messages = _said(monkeypatch)
     mon = SharpnessMonitor(max_overhead=0.5, max_iter=20)  # a large budget: measurements soon even under load
     _trainer(tmp_path, [mon], max_steps=40).fit(SlowNet(), loader())
     assert mon._budget._t0 is None  # the clock stopped with the fit

@@ -9,6 +9,9 @@ spent in a burst of back-to-back measurements. The wait is converted into
 optimizer steps with the mean step time since the last :meth:`OverheadBudget.mark` (measurements excluded; the
 owner marks after the slow first steps of a fit and at every plan, so the estimate follows recent steps), so the
 decision is a step number that every rank can agree on in advance (no collective per step).
+
+When the fit's last step is known, :meth:`OverheadBudget.room` forecasts instead: the seconds of measurements the
+whole fit affords, S + X ≤ b·(T + R + X) with R the remaining steps at that step time (the owner spreads them).
 """
 
 from __future__ import annotations
@@ -85,6 +88,16 @@ class OverheadBudget:
         if not per_step > 0:  # no timing yet (or a zero-cost step): wait at least one step
             return 1
         return max(1, math.ceil(wait / per_step))
+
+    def room(self, step: int, end: int) -> float:
+        """Seconds of measurements still affordable if the fit runs from optimizer step ``step`` to ``end``: the
+        largest X with S + X ≤ b·(T + R + X), R = (end − step) steps at :meth:`step_time` (0 before a step), i.e.
+        the share of the forecast fit time (training, measurements X and all) stays within b. Negative when the
+        budget is overspent."""
+        per_step = self.step_time(step)
+        remaining = max(end - step, 0) * (per_step if per_step > 0 else 0.0)
+        b = self.fraction
+        return (b * (self.elapsed() + remaining) - self.spent) / (1 - b)
 
     def state_dict(self) -> dict[str, Any]:
         return {"spent": self.spent, "elapsed": self.elapsed(), "next_step": self.next_step}

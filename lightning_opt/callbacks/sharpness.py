@@ -16,12 +16,11 @@ Seeds and what is logged (every ``every_n_steps`` optimizer steps, keys under ``
   ``advice_clip_threshold`` γ = min{1/η_c, 1/(10 L1 η_c)} (advice only; nothing is changed).
 * ``grad_norm``, ``probe_loss``, ``matvecs`` (Hessian-vector products used), ``converged`` (1/0), ``seconds``.
 
-The measurement never changes the training trajectory: it runs under
-:class:`~lightning_opt.callbacks._probe.TrajectoryGuard`, which restores the RNG states (torch CPU / CUDA,
-``random``, numpy), every buffer (batch-norm running statistics), each submodule's training flag and torchmetrics
-accumulators and mutes ``self.log``; ``.grad`` is never written (``torch.autograd.grad`` with explicit inputs) and
-the parameters are restored bitwise. It runs outside autocast, on the unwrapped LightningModule (not the DDP
-wrapper), in float32 or wider.
+The measurement never changes the training trajectory: it runs under ``TrajectoryGuard`` (``callbacks/_probe.py``),
+which restores the RNG states (torch CPU / CUDA, ``random``, numpy), every buffer (batch-norm running statistics),
+each submodule's training flag and torchmetrics accumulators and mutes ``self.log``; ``.grad`` is never written
+(``torch.autograd.grad`` with explicit inputs) and the parameters are restored bitwise. It runs outside autocast, on
+the unwrapped LightningModule (not the DDP wrapper), in float32 or wider.
 
 Distributed (``ddp_mode``): every rank uses its own probe batch.
 
@@ -35,14 +34,22 @@ Distributed (``ddp_mode``): every rank uses its own probe batch.
   right after a sync / during warm-up), else ``"local"`` (one all-gather of three checksums decides).
 
 Schedule: ``every_n_steps=N`` measures after every N-th optimizer step. The default (``every_n_steps=None``) is
-cost-aware: ``CALIBRATION_STEPS`` steps into a fit, one gradient and one Hessian-vector product are timed to
-estimate a measurement's cost, and each measurement is then placed at the first step where it keeps the time
-spent inside the monitor within ``max_overhead`` (default 1.5%) of the fit's wall time (later estimates use the
-last measurement's cost). On a cheap model that is every few dozen steps; on an expensive one the first
-measurement may come after thousands (an INFO message says when). The planned step is agreed by all ranks
-when it is planned (one all-gather at calibration and after each measurement), never per step. ``overhead``
-(seconds inside the monitor / fit seconds) and, in the cost-aware mode, ``next_step`` are logged with every
-measurement.
+cost-aware, with budget b = ``max_overhead`` (default 1.5%): ``CALIBRATION_STEPS`` steps into a fit it times one
+gradient and one Hessian-vector product, which bound a measurement's cost C_w (``max_iter`` products; once measured,
+scaled from the measured cost and product count); S is the time spent in the monitor so far (calibration included). When
+the fit's length is known (``trainer.estimated_stepping_batches`` finite: ``max_steps`` / ``max_epochs``), the
+measurements it affords are spread evenly up to its last step, the first within its first 5% (or right after the
+calibration, in fits under 200 steps). **Guarantee**: a measurement is planned only if S + C ≤ b·F, F the forecast fit
+time (the time so far, the remaining steps at the step time measured since the last plan, and C), C = C_w or, when b
+affords no full measurement, that of one capped at the products b affords (≥ 8 Lanczos products; ``converged`` says if
+the cap bound); so a fit that runs to its estimated end spends at most b of its wall time in the monitor, as far as the
+step time holds and no measurement costs more than C; the share so far can exceed b early in the fit, and a fit stopped
+early (EarlyStopping, ``max_time``) can end above b. When b affords not even that, a warning, the progress bar and
+TensorBoard text say so. Unknown length (infinite): each measurement waits until S + C ≤ b·(T + C) (T: fit time so far;
+C: C_w, then the last measured cost), so right after each the share S/T is at most b (up to the step-time estimate).
+Details: :mod:`~lightning_opt.callbacks._sharpness_schedule`. Plans are agreed by all ranks when made (one all-gather
+at calibration and after each measurement). ``overhead`` (S / fit time so far) and, cost-aware, ``next_step`` (past
+the fit's last step: none more in it) are logged with every measurement.
 
 Logged values are identical on every rank (``seconds`` and ``overhead`` are maxima over ranks); only global rank 0
 writes (through ``trainer.loggers``, at every measurement regardless of ``log_every_n_steps``). The monitor
@@ -61,7 +68,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_opt._ownership import RankLocal
@@ -224,12 +230,10 @@ class SharpnessMonitor(RankLocal, Callback):
         new_run = self._last_step is not None and trainer.global_step < self._last_step
         if new_run:
             self._last_step = None
-        self._schedule.start(trainer.global_step, new_run=new_run)
+        self._schedule.start(trainer.global_step, new_run=new_run, end=self._schedule.fit_end(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        note = self._schedule.stop()
-        if note is not None:
-            rank_zero_info(note)
+        self._schedule.stop()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -251,7 +255,7 @@ class SharpnessMonitor(RankLocal, Callback):
         if self._schedule.uncalibrated:
             if self._schedule.calibration_due(step):
                 self._last_step = step
-                self._calibrate(pl_module, probe_batch, step)
+                self._calibrate(trainer, pl_module, probe_batch, step)
             return
         if not self._schedule.due(step):
             return
@@ -259,8 +263,8 @@ class SharpnessMonitor(RankLocal, Callback):
         prev = self._snapshot if self._snapshot_step == step else None
         metrics = self.measure(pl_module, probe_batch, lr=current_lr(trainer), prev_params=prev)
         self._snapshot, self._snapshot_step = None, None
-        seconds = metrics[f"{self.prefix}/seconds"]
-        metrics.update({f"{self.prefix}/{k}": v for k, v in self._schedule.measured(step, seconds).items()})
+        done = self._schedule.measured(step, metrics[f"{self.prefix}/seconds"], metrics[f"{self.prefix}/matvecs"])
+        metrics.update({f"{self.prefix}/{k}": v for k, v in done.items()})
         self._publish(trainer, step, metrics)
 
     def _publish(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
@@ -289,8 +293,9 @@ class SharpnessMonitor(RankLocal, Callback):
                             warn=self._warn_once)
             local, ritz, err = measure_on_rank(
                 pl_module, loss_of, guard.reset, method=self.hvp_method, reduce=reduce, dtype=dtype,
-                max_iter=self.max_iter, tol=self.tol, v0=self._ritz if self.warm_start else None,
-                generator=self._generator, stop_reducer=all_agree if (mode == "global" and world > 1) else None,
+                max_iter=self._schedule.iterations(self.max_iter), tol=self.tol,
+                v0=self._ritz if self.warm_start else None, generator=self._generator,
+                stop_reducer=all_agree if (mode == "global" and world > 1) else None,
                 prev_params=prev_params if self.smoothness else None)
         if ritz is not None:
             self._ritz = ritz
@@ -334,9 +339,8 @@ class SharpnessMonitor(RankLocal, Callback):
         out["curvature/converged"] = r.converged
         return out
 
-    def _calibrate(self, pl_module: nn.Module, batch: Any, step: int) -> None:
-        """Time building the operator (one gradient) and one product on ``batch``, estimate a measurement's
-        cost from them and plan the first measurement."""
+    def _calibrate(self, trainer: pl.Trainer, pl_module: nn.Module, batch: Any, step: int) -> None:
+        """Time one gradient and one product on ``batch`` and plan the first measurement from them."""
         t0 = time.perf_counter()
         _, dtype, mode, _, reduce, loss_of = self._probe_setup(pl_module, batch)
         with TrajectoryGuard(pl_module, grads=False) as guard:
@@ -344,11 +348,10 @@ class SharpnessMonitor(RankLocal, Callback):
                             warn=self._warn_once)
             build, product = time_products(pl_module, loss_of, guard.reset, method=self.hvp_method,
                                            reduce=reduce, dtype=dtype)
-        # an upper bound (Lanczos often converges in fewer than max_iter products), so the budget holds from the
-        # first measurement on; later plans use the measured cost
-        extra = 1 if self.smoothness else 0
-        cost = build * (1 + extra) + product * (self.max_iter + extra)
-        rank_zero_info(self._schedule.calibrated(step, time.perf_counter() - t0, cost))
+        extra = 1 if self.smoothness else 0  # the smoothness gradient and product
+        note = self._schedule.calibrated(step, time.perf_counter() - t0, build * (1 + extra), product,
+                                         self.max_iter + extra, extra)
+        self._schedule.announce(trainer, note, self.prefix)
 
     # ------------------------------------------------------------------ helpers
     def _probe_setup(self, pl_module: nn.Module, batch: Any) -> tuple[list[Tensor], torch.dtype, str, int,
