@@ -109,6 +109,77 @@ def test_nonfinite_matvec_raises():
         lanczos_extreme_eigs(lambda v: v * float("nan"), 5)
 
 
+# ------------------------------------------------------------------------- the stopping rule (issue #18)
+# A Hessian-like spectrum (three outliers, a cubed bulk around 0, a bottom edge of five close negative values) and
+# a top pair 0.5% apart; both are rotated by a seeded orthogonal matrix (_sym).
+HESSIAN_LIKE = torch.cat([torch.tensor([4.0, 2.6, 1.9]), torch.linspace(-0.3, 1.2, 292) ** 3,
+                          torch.tensor([-0.5, -0.47, -0.44, -0.42, -0.4])])
+CLOSE_PAIR = torch.cat([torch.tensor([10.0, 9.95]), torch.rand(198, generator=_gen(3), dtype=torch.float64) * 8 - 1])
+
+
+@pytest.mark.parametrize("tol, most", [(1e-2, 26), (1e-3, 28), (1e-4, 31)])
+def test_lanczos_stop_is_truly_within_tol_on_both_ends_in_a_bounded_number_of_products(tol, most):
+    a = _sym(HESSIAN_LIKE, seed=1)
+    for s in range(4):
+        res = lanczos_extreme_eigs(lambda v: a @ v, 300, max_iter=150, tol=tol, dtype=torch.float64, generator=_gen(s))
+        assert res.converged and res.converged_max and res.converged_min
+        assert _rel(res.lambda_max, 4.0) <= tol and _rel(res.lambda_min, -0.5) <= tol
+        assert res.n_matvec <= most, (s, res.n_matvec)  # measured: 15-26, 25-28, 27-31 over seeds 0-3
+
+
+@pytest.mark.parametrize("eigs, which", [(HESSIAN_LIKE, "both"), (CLOSE_PAIR, "max")])
+def test_lanczos_claims_convergence_only_when_truly_within_tol_at_every_max_iter(eigs, which):
+    a = _sym(eigs, seed=1)
+    n, lmax, lmin = a.shape[0], eigs.max().item(), eigs.min().item()
+    claims = 0
+    for m in range(2, 60):  # every prefix of one Krylov sequence (same seed)
+        res = lanczos_extreme_eigs(lambda v: a @ v, n, max_iter=m, tol=1e-3, which=which, dtype=torch.float64,
+                                   generator=_gen(0))
+        assert not res.converged_max or _rel(res.lambda_max, lmax) <= 1e-3, m
+        assert not res.converged_min or _rel(res.lambda_min, lmin) <= 1e-3, m
+        claims += res.converged_max + res.converged_min
+        if res.converged:
+            break
+    assert res.converged and claims >= 1  # the pair case: the old test (estimate ≤ tol) claimed at m = 8-11, wrongly
+
+
+def test_lanczos_does_not_claim_a_close_pair_before_it_is_resolved():
+    """After 8 steps λ_max's Ritz value mixes the two top eigenvalues (0.5% apart): it is 0.19% low while the
+    Kato-Temple estimate (far Ritz gap) says 6e-5; the residual (0.43%, more than 3·tol) keeps the claim back."""
+    a = _sym(CLOSE_PAIR, seed=1)
+    res = lanczos_extreme_eigs(lambda v: a @ v, 200, max_iter=8, tol=1e-3, which="max", dtype=torch.float64,
+                               generator=_gen(0))
+    assert _rel(res.lambda_max, 10.0) == pytest.approx(1.9e-3, rel=0.05)
+    assert res.err_max / res.lambda_max == pytest.approx(6.1e-5, rel=0.05)  # the estimate alone would pass
+    assert res.residual_max / res.lambda_max == pytest.approx(4.3e-3, rel=0.05)
+    assert not res.converged_max and not res.converged
+    done = lanczos_extreme_eigs(lambda v: a @ v, 200, max_iter=100, tol=1e-3, which="max", dtype=torch.float64,
+                                generator=_gen(0))
+    assert done.converged and done.n_matvec == 15 and _rel(done.lambda_max, 10.0) < 1e-6
+
+
+def test_lanczos_with_too_few_steps_is_not_converged():
+    a = _sym(HESSIAN_LIKE, seed=1)
+    res = lanczos_extreme_eigs(lambda v: a @ v, 300, max_iter=5, tol=1e-3, dtype=torch.float64, generator=_gen(0))
+    assert res.n_matvec == 5 and not res.converged and not res.converged_min
+    assert _rel(res.lambda_min, -0.5) > 1e-3
+
+
+def test_lanczos_cannot_see_an_eigenvector_missing_from_the_start():
+    """What the stop does not guarantee (misconvergence): a start orthogonal to the top eigenvector converges on
+    the second eigenvalue and says so; the warm-start noise is what protects a warm start from this."""
+    q, _ = torch.linalg.qr(torch.randn(100, 100, generator=_gen(0), dtype=torch.float64))
+    a = q @ torch.diag(torch.cat([torch.tensor([10.0, 6.0]), torch.linspace(-1, 4, 98)]).double()) @ q.T
+    v0 = torch.randn(100, generator=_gen(1), dtype=torch.float64)
+    v0 -= (v0 @ q[:, 0]) * q[:, 0]
+    blind = lanczos_extreme_eigs(lambda v: a @ v, 100, max_iter=80, tol=1e-3, which="max", v0=v0, warm_noise=0.0,
+                                 dtype=torch.float64, generator=_gen(0))
+    assert blind.converged and blind.n_matvec == 8 and blind.lambda_max == pytest.approx(6.0, rel=1e-5)
+    noisy = lanczos_extreme_eigs(lambda v: a @ v, 100, max_iter=80, tol=1e-3, which="max", v0=v0, warm_noise=0.1,
+                                 dtype=torch.float64, generator=_gen(0))
+    assert noisy.converged and noisy.lambda_max == pytest.approx(10.0, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- Hessians of nets
 def _mlp(seed: int = 0, width: int = 12) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
