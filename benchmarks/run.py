@@ -5,6 +5,8 @@
 
 Each benchmark prints ratios measured side by side in one run; this script only concatenates their output with a
 machine description and the command line. ``benchmarks/RESULTS.md`` holds the curated figures.
+``benchmarks.bench_cuda`` is not in the list: it needs a GPU (``python -m benchmarks.bench_cuda`` on such a machine;
+``--device cpu --quick`` checks the script without one).
 """
 
 from __future__ import annotations
