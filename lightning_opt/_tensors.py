@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["LOW_PRECISION", "accumulation_dtype", "flatten", "unflatten_into"]
+__all__ = ["LOW_PRECISION", "accumulation_copy", "accumulation_dtype", "flatten", "unflatten_into"]
 
 #: dtypes whose sums and running statistics are accumulated in float32
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -17,6 +17,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to accumulate ``dtype`` values in: float32 for half precision (whose 8- or 11-bit mantissa loses
     small increments), else ``dtype`` itself."""
     return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def accumulation_copy(t: Tensor) -> Tensor:
+    """A detached copy of ``t`` in its :func:`accumulation_dtype` (anchors, centres: state summed into over time)."""
+    return t.detach().to(accumulation_dtype(t.dtype)).clone()
 
 
 def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:

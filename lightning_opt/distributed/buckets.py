@@ -16,7 +16,7 @@ from lightning_opt._tensors import accumulation_dtype, flatten, unflatten_into
 from lightning_opt.distributed.meter import CommMeter
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "CommMeter", "all_finite", "all_reduce_flat", "broadcast_flat", "bucket_indices",
-           "flatten", "is_dist", "nbytes", "rides_with", "unflatten_into", "write_back"]
+           "all_reduce_counted", "flatten", "is_dist", "nbytes", "rides_with", "unflatten_into", "write_back"]
 
 DEFAULT_BUCKET_CAP_MB = 25.0
 
@@ -69,8 +69,7 @@ def all_reduce_flat(
         ride = trailer is not None and b == len(buckets) - 1 and rides_with(trailer, dtype, parts[0].device)
         flat = flatten([*parts, trailer] if ride else parts, dtype=dtype)
         if is_dist():
-            dist.all_reduce(flat, group=group)
-            _count(meter, flat)
+            all_reduce_counted(flat, meter=meter, group=group)
         if ride:
             n = flat.numel() - trailer.numel()
             trailer.copy_(flat[n:])
@@ -78,9 +77,14 @@ def all_reduce_flat(
             trailer = None
         out.append((idx, flat))
     if trailer is not None and is_dist():
-        dist.all_reduce(trailer, group=group)
-        _count(meter, trailer)
+        all_reduce_counted(trailer, meter=meter, group=group)
     return out
+
+
+def all_reduce_counted(tensor: Tensor, *, meter: CommMeter | None = None, group=None) -> None:
+    """Sum ``tensor`` over the group in place (synchronously) and count its bytes on ``meter``."""
+    dist.all_reduce(tensor, group=group)
+    _count(meter, tensor)
 
 
 def rides_with(trailer: Tensor, dtype: torch.dtype, device: torch.device) -> bool:

@@ -22,7 +22,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_opt._validation import check_choice
-from lightning_opt.distributed.buckets import DEFAULT_BUCKET_CAP_MB, all_finite, all_reduce_flat, is_dist, write_back
+from lightning_opt.distributed.buckets import (
+    DEFAULT_BUCKET_CAP_MB,
+    all_finite,
+    all_reduce_counted,
+    all_reduce_flat,
+    is_dist,
+    write_back,
+)
 from lightning_opt.distributed.meter import CommMeter
 from lightning_opt.distributed.overlap import OverlappedGradSum
 
@@ -102,9 +109,7 @@ def agree(
     elif total:
         buckets = all_reduce_flat(src, meter=meter, cap_mb=cap_mb, trailer=flags)
     elif is_dist():
-        dist.all_reduce(flags)
-        if meter is not None:
-            meter.add(flags.numel() * flags.element_size())
+        all_reduce_counted(flags, meter=meter)
     bad = [int(r) for r in torch.nonzero(flags[:world]).flatten().tolist()]
     if summed is not None and ((bad and policy == "drop") or flags[world] > 0):
         buckets = all_reduce_flat(src, meter=meter, cap_mb=cap_mb)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_opt._tensors import accumulation_dtype
-from lightning_opt.distributed.buckets import bucket_indices, nbytes, rides_with
+from lightning_opt.distributed.buckets import all_reduce_counted, bucket_indices, nbytes, rides_with
 from lightning_opt.distributed.meter import CommMeter
 
 #: DDP's choice: a small first bucket so the first all-reduce starts early in backward.
@@ -72,12 +72,9 @@ class OverlappedGradSum:
         flat = self._flat[b]
         if flat is None:
             first = self.params[self.buckets[b][0]]
-            n = self._numel(b) + (self._spare if b == len(self.buckets) - 1 else 0)
+            n = self._sizes[b] + (self._spare if b == len(self.buckets) - 1 else 0)
             flat = self._flat[b] = torch.empty(n, dtype=accumulation_dtype(first.dtype), device=first.device)
         return flat
-
-    def _numel(self, b: int) -> int:
-        return self._sizes[b]
 
     def _make_room(self, spare: int) -> None:
         """Grow the last bucket's buffer to hold a trailer of ``spare`` elements (once; its gradients are kept)."""
@@ -117,7 +114,7 @@ class OverlappedGradSum:
             self._launch(self._launched)
 
     def _launch(self, b: int) -> None:
-        self._launch_slice(self._buffer(b)[:self._numel(b)])
+        self._launch_slice(self._buffer(b)[:self._sizes[b]])
 
     def _launch_slice(self, flat: Tensor) -> None:
         self._works.append((dist.all_reduce(flat, async_op=True), flat))
@@ -150,7 +147,7 @@ class OverlappedGradSum:
             self._fill(b)
             if b == last:
                 flat = self._buffer(b)
-                n = self._numel(b)
+                n = self._sizes[b]
                 if ride:
                     flat[n:n + trailer.numel()].copy_(trailer)
                 self._launch_slice(flat[:n + trailer.numel()] if ride else flat[:n])
@@ -161,13 +158,11 @@ class OverlappedGradSum:
             if self.meter is not None:
                 self.meter.add(nbytes([flat]))
         if ride:
-            n = self._numel(last)
+            n = self._sizes[last]
             trailer.copy_(self._buffer(last)[n:n + trailer.numel()])
         elif trailer is not None:
-            dist.all_reduce(trailer)
-            if self.meter is not None:
-                self.meter.add(nbytes([trailer]))
-        return [(idx, self._buffer(b)[:self._numel(b)]) for b, idx in enumerate(self.buckets)]
+            all_reduce_counted(trailer, meter=self.meter)
+        return [(idx, self._buffer(b)[:self._sizes[b]]) for b, idx in enumerate(self.buckets)]
 
     def remove(self) -> None:
         for h in self._hooks:

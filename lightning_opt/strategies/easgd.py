@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_opt._tensors import accumulation_dtype
+from lightning_opt._tensors import accumulation_copy, accumulation_dtype
 from lightning_opt._validation import check_float
 from lightning_opt.distributed import is_dist
 from lightning_opt.strategies._averaging import realign
@@ -87,8 +87,7 @@ class EASGDStrategy(PeriodicSyncStrategy):
     def _params_changed(self, idx: int, old: list[Tensor], new: list[Tensor]) -> None:
         # A parameter that joins mid-fit (frozen until then, so identical on every rank) is its own centre.
         if idx in self._center:
-            self._center[idx] = realign(self._center[idx], old, new,
-                                        lambda p: p.detach().to(accumulation_dtype(p.dtype)).clone())
+            self._center[idx] = realign(self._center[idx], old, new, accumulation_copy)
 
     # ------------------------------------------------------------------ sync
     @override

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_opt._tensors import accumulation_dtype
+from lightning_opt._tensors import accumulation_copy, accumulation_dtype
 from lightning_opt._validation import check_bool, check_float, invalid
 from lightning_opt.distributed import is_dist
 from lightning_opt.strategies._averaging import realign
@@ -66,14 +66,13 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     def _before_local_step(self, idx: int, step: int) -> None:
         # The anchor is where local training starts: the initial (or post-warmup) weights.
         if self.uses_outer and idx not in self._anchor:
-            self._anchor[idx] = [p.detach().to(accumulation_dtype(p.dtype)).clone() for p in self._opt_params(idx)]
+            self._anchor[idx] = [accumulation_copy(p) for p in self._opt_params(idx)]
 
     @override
     def _params_changed(self, idx: int, old: list[Tensor], new: list[Tensor]) -> None:
         # A parameter that joins mid-fit starts its outer step from where it joins, with no momentum.
         if idx in self._anchor:
-            self._anchor[idx] = realign(self._anchor[idx], old, new,
-                                        lambda p: p.detach().to(accumulation_dtype(p.dtype)).clone())
+            self._anchor[idx] = realign(self._anchor[idx], old, new, accumulation_copy)
         if idx in self._momentum:
             self._momentum[idx] = realign(self._momentum[idx], old, new,
                                           lambda p: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)))
