@@ -279,12 +279,11 @@ class MeasurementSchedule:
         left = self.end - step
         room, worst = self.budget.room(step, self.end), self.cost.worst()
         self.cap = None
-        if left >= 1 and not room >= worst:  # no full measurement: one capped at the products the room affords
-            cap = self.cost.affordable(room)
+        if left < 1 or not room >= worst:  # no full measurement: one capped at the products the room affords, or none
+            cap = self.cost.affordable(room) if left >= 1 else 0
             if cap - self.cost.extra >= MIN_CAPPED_PRODUCTS:
                 self.cap = cap
                 return (max(1, min(left, self.first_by - step)) if first else left), room, 1
-        if left < 1 or not room >= worst:
             return max(left, 0) + 1, room, 0
         expected = self.cost.expected()
         count = 1 + int((room - worst) // expected) if expected > 0 else left
