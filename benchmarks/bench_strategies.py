@@ -29,7 +29,7 @@ FULL = [("alone", 1), ("ddp", 1), ("local_sgd", 1), ("local_sgd", 4), ("local_sg
         ("lookahead_sync", 5), ("lookahead_sync", 1), ("lookahead_local", 4), ("local_sgd_warmup", 4),
         ("lsgd_warmup", 4)]
 SMOKE = [("alone", 1), ("ddp", 1), ("local_sgd", 4), ("lookahead_sync", 4)]
-OURS_ONLY = ("alone", "ddp")  # rows that do not import lightning_opt's strategies: run once per repetition
+NOT_OURS = ("alone", "ddp")  # rows that run no lightning_opt strategy: once per repetition, not per code tree
 
 
 def run_one(name: str, period: int, steps: int, tree: Path | None) -> dict:
@@ -39,7 +39,7 @@ def run_one(name: str, period: int, steps: int, tree: Path | None) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def _fmt(runs: list[dict], key: str) -> float:
+def _median(runs: list[dict], key: str) -> float:
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else float("nan")
 
@@ -47,7 +47,7 @@ def _fmt(runs: list[dict], key: str) -> float:
 def report(results: dict, steps: int, trees: list[str]) -> None:
     ddp = results[("ddp", 1, trees[0])]
     alone = results[("alone", 1, trees[0])]
-    ddp_sps, alone_ms = _fmt(ddp, "steps_per_s"), _fmt(alone, "local_step_ms")
+    ddp_sps, alone_ms = _median(ddp, "steps_per_s"), _median(alone, "local_step_ms")
     ddp_bps = ddp[0]["bytes_per_step"]
     print(f"model: {ddp[0]['params']:,} parameters; {steps} steps; 2 gloo processes on loopback; "
           f"DDP {ddp_sps:.1f} steps/s, alone {1000 / alone_ms:.1f} steps/s per rank ({alone_ms:.2f} ms/step)\n")
@@ -55,11 +55,11 @@ def report(results: dict, steps: int, trees: list[str]) -> None:
           "final loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (name, period, tree), runs in results.items():
-        sps, local = _fmt(runs, "steps_per_s"), _fmt(runs, "local_step_ms")
+        sps, local = _median(runs, "steps_per_s"), _median(runs, "local_step_ms")
         bps = runs[0]["bytes_per_step"]
         ratio_local = f"{alone_ms / local:.3f}" if local == local else "—"
         print(f"| {name} | {period} | {tree} | {bps:,.0f} | {bps / ddp_bps if ddp_bps else 0:.3f} | {sps:.1f} | "
-              f"{sps / ddp_sps:.3f} | {ratio_local} | {_fmt(runs, 'loss'):.3f} |")
+              f"{sps / ddp_sps:.3f} | {ratio_local} | {_median(runs, 'loss'):.3f} |")
 
 
 def main() -> None:
@@ -83,7 +83,7 @@ def main() -> None:
             for _ in range(1 if args.smoke else args.reps):
                 for name, period in rows:
                     for label, tree in trees.items():
-                        if name in OURS_ONLY and label != "this":
+                        if name in NOT_OURS and label != "this":
                             continue
                         results.setdefault((name, period, label), []).append(run_one(name, period, steps, tree))
             report(results, steps, list(trees))
