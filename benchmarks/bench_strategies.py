@@ -2,14 +2,20 @@
 
     python -m benchmarks.bench_strategies                      # τ ∈ {1, 4, 16} and the rows below, 200 steps
     python -m benchmarks.bench_strategies --smoke              # 30 steps, a few rows
-    python -m benchmarks.bench_strategies --baseline REV       # also runs the code of git revision REV, interleaved
+    python -m benchmarks.bench_strategies --baseline REV       # also runs the code of git revision REV
+    python -m benchmarks.bench_strategies --baseline DIR       # ... or of a copy of the package in DIR (no git needed)
 
-Runs are interleaved (every row, then again, ``--reps`` times) so machine noise hits all of them alike; the median of
-the repetitions is reported. DDP's bytes are its gradient all-reduce payload (4 bytes × parameters per step).
-``alone``: each rank trains by itself with no process group (the ceiling). "local step vs alone" compares the median
-wall time of the steps that did not sync with the median step of ``alone``. ``*_warmup``: every step is a warm-up
-step (gradients averaged during backward, as DDP does). ``--baseline``: the same rank script imports
-``lightning_opt`` from a git worktree of REV (via ``PYTHONPATH``), so "before" and "after" come from one command.
+Every row is a fit of ``--steps`` steps, and all rows run one after the other in **one** pair of processes,
+``--rounds`` times over (``benchmarks/scripts/strategy_rank.py``); ``--reps`` such pairs are launched (alternating
+with the baseline's). A row's ratio to DDP is taken within a round, between fits seconds apart on the same cores and
+process placement, and the median over all rounds is reported with its spread (max − min of the per-round ratios):
+separate launches per row, as before, moved a ratio by ±15% between identical runs. The table is printed after
+every launch (a run cut short still reports). DDP's bytes are its gradient all-reduce payload (4 bytes × parameters
+per step). ``alone``: each rank trains by itself on a single-device strategy (the ceiling). "local step vs alone"
+compares the median wall time of the steps that did not sync with the median step of ``alone`` in the same round.
+``*_warmup``: every step is a warm-up step (gradients averaged during backward, as DDP does). ``--baseline``: the
+rank script imports ``lightning_opt`` from a git worktree of REV or from DIR (via ``PYTHONPATH``), so "before" and
+"after" come from one command.
 """
 
 from __future__ import annotations
@@ -29,14 +35,32 @@ FULL = [("alone", 1), ("ddp", 1), ("local_sgd", 1), ("local_sgd", 4), ("local_sg
         ("lookahead_sync", 5), ("lookahead_sync", 1), ("lookahead_local", 4), ("local_sgd_warmup", 4),
         ("lsgd_warmup", 4)]
 SMOKE = [("alone", 1), ("ddp", 1), ("local_sgd", 4), ("lookahead_sync", 4)]
-NOT_OURS = ("alone", "ddp")  # rows that run no lightning_opt strategy: once per repetition, not per code tree
+ROW_ORDER = {row: i for i, row in enumerate(dict.fromkeys(FULL + SMOKE))}
 
 
-def run_one(name: str, period: int, steps: int, tree: Path | None) -> dict:
+Results = dict[tuple[str, int, str], list[dict]]  # (row, τ, code) -> one entry per round
+
+
+def launch(rows: list[tuple[str, int]], steps: int, rounds: int, tree: Path | None) -> list[dict]:
+    """One process pair running every row ``rounds`` times; rank 0's result per fit."""
     env = {"PYTHONPATH": str(tree)} if tree is not None else None
-    outs = run_ranks(RANK_SCRIPT, name, period, steps, world_size=2, timeout=600, extra_env=env)
-    line = next(ln for ln in outs[0].splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    spec = ",".join(f"{name}:{period}" for name, period in rows)
+    outs = run_ranks(RANK_SCRIPT, spec, steps, rounds, world_size=2, timeout=1800, extra_env=env)
+    return [json.loads(ln[len("RESULT "):]) for ln in outs[0].splitlines() if ln.startswith("RESULT ")]
+
+
+def add_launch(results: Results, fits: list[dict], label: str, launch_id: int) -> None:
+    """File each fit under its row, with the same round's DDP and alone figures beside it (the pairing)."""
+    rounds: dict[int, dict[str, dict]] = {}
+    for fit in fits:
+        rounds.setdefault(fit["round"], {})[f"{fit['strategy']}:{fit['period']}"] = fit
+    for by_row in rounds.values():
+        ddp, alone = by_row["ddp:1"], by_row["alone:1"]
+        for fit in by_row.values():
+            local = fit["local_step_ms"]
+            results.setdefault((fit["strategy"], fit["period"], label), []).append({
+                **fit, "launch": launch_id, "vs_ddp": fit["steps_per_s"] / ddp["steps_per_s"],
+                "local_vs_alone": alone["local_step_ms"] / local if local else None})
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -44,51 +68,61 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def report(results: dict, steps: int, trees: list[str]) -> None:
-    ddp = results[("ddp", 1, trees[0])]
-    alone = results[("alone", 1, trees[0])]
-    ddp_sps, alone_ms = _median(ddp, "steps_per_s"), _median(alone, "local_step_ms")
+def _spread(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return f"{min(values):.2f}–{max(values):.2f}" if values else "—"
+
+
+def report(results: Results, steps: int) -> None:
+    ddp, alone = results[("ddp", 1, "this")], results[("alone", 1, "this")]
+    launches = len({r["launch"] for r in ddp})
+    print(f"model: {ddp[0]['params']:,} parameters; {steps} steps per fit; 2 gloo processes on loopback; "
+          f"{len(ddp)} rounds in {launches} launch(es); DDP {_median(ddp, 'steps_per_s'):.1f} steps/s, alone "
+          f"{_median(alone, 'steps_per_s'):.1f} steps/s per rank (medians)\n")
+    print("| strategy | τ | code | bytes/step | bytes vs DDP | steps/s | steps/s vs DDP | range over rounds | "
+          "local step vs alone | range over rounds | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ddp_bps = ddp[0]["bytes_per_step"]
-    print(f"model: {ddp[0]['params']:,} parameters; {steps} steps; 2 gloo processes on loopback; "
-          f"DDP {ddp_sps:.1f} steps/s, alone {1000 / alone_ms:.1f} steps/s per rank ({alone_ms:.2f} ms/step)\n")
-    print("| strategy | τ | code | bytes/step | bytes vs DDP | steps/s | steps/s vs DDP | local step vs alone | "
-          "final loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
     for (name, period, tree), runs in results.items():
-        sps, local = _median(runs, "steps_per_s"), _median(runs, "local_step_ms")
         bps = runs[0]["bytes_per_step"]
-        ratio_local = f"{alone_ms / local:.3f}" if local == local else "—"
-        print(f"| {name} | {period} | {tree} | {bps:,.0f} | {bps / ddp_bps if ddp_bps else 0:.3f} | {sps:.1f} | "
-              f"{sps / ddp_sps:.3f} | {ratio_local} | {_median(runs, 'loss'):.3f} |")
+        local = _median(runs, "local_vs_alone")
+        print(f"| {name} | {period} | {tree} | {bps:,.0f} | {bps / ddp_bps if ddp_bps else 0:.3f} | "
+              f"{_median(runs, 'steps_per_s'):.1f} | {_median(runs, 'vs_ddp'):.3f} | {_spread(runs, 'vs_ddp')} | "
+              f"{f'{local:.3f}' if local == local else '—'} | {_spread(runs, 'local_vs_alone')} | "
+              f"{_median(runs, 'loss'):.3f} |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="process pairs launched per code tree")
+    ap.add_argument("--rounds", type=int, default=3, help="times every row runs in one process pair")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--baseline", default=None, help="git revision to compare with (run from a worktree)")
+    ap.add_argument("--baseline", default=None,
+                    help="git revision to compare with (run from a worktree), or a directory holding lightning_opt/")
     args = ap.parse_args()
     steps = 30 if args.smoke else args.steps
     rows = SMOKE if args.smoke else FULL
     with tempfile.TemporaryDirectory() as tmp:
         trees: dict[str, Path | None] = {"this": None}
-        if args.baseline:
+        worktree = args.baseline is not None and not Path(args.baseline).is_dir()
+        if args.baseline and not worktree:
+            trees["before"] = Path(args.baseline).resolve()
+        elif worktree:
             base = Path(tmp) / "baseline"
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), args.baseline],
                            check=True, capture_output=True)
-            trees = {"this": None, args.baseline: base}
+            trees[args.baseline] = base
         try:
-            results: dict[tuple[str, int, str], list[dict]] = {}
-            for _ in range(1 if args.smoke else args.reps):
-                for name, period in rows:
-                    for label, tree in trees.items():
-                        if name in NOT_OURS and label != "this":
-                            continue
-                        results.setdefault((name, period, label), []).append(run_one(name, period, steps, tree))
-            report(results, steps, list(trees))
+            results: Results = {}
+            for rep in range(1 if args.smoke else args.reps):
+                for label, tree in trees.items():
+                    fits = launch(rows, steps, 1 if args.smoke else args.rounds, tree)
+                    add_launch(results, fits, label, rep)
+                    print(f"\n## after launch {rep + 1} of {label}\n", flush=True)
+                    report(dict(sorted(results.items(), key=lambda kv: ROW_ORDER[kv[0][:2]])), steps)
         finally:
-            if args.baseline:
+            if worktree:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
 
 
