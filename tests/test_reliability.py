@@ -110,3 +110,15 @@ def test_default_collective_timeout_is_ten_minutes(name):
     import lightning_opt.strategies as strategies
 
     assert getattr(strategies, name)()._timeout == datetime.timedelta(seconds=600)
+
+
+def test_sigterm_on_rank_zero_during_local_steps_stops_every_rank_by_the_next_sync():
+    # Lightning broadcasts rank 0's SIGTERM flag at the start of each batch; the strategies keep that broadcast
+    # only on steps that communicate (strategies/_sigterm.py), so the other ranks learn it at the next sync:
+    # rank 0 stops after step 5 (Lightning's own check), rank 1 at the start of step 8 (the sync after step 8),
+    # both with SIGTERMException and without waiting for a timeout
+    start = time.monotonic()
+    outs = run_ranks(SCRIPTS / "sigterm_rank.py", timeout=120)
+    ends = [next(ln for ln in out.splitlines() if ln.startswith(("STOPPED", "FINISHED"))) for out in outs]
+    assert ends == ["STOPPED 0 5 SIGTERMException", "STOPPED 1 7 SIGTERMException"], outs
+    assert time.monotonic() - start < 60  # the collective timeout (60 s) never struck

@@ -10,7 +10,8 @@ Lookahead ``mode="sync"``), where the bucket sums overlap with backward
   :func:`lightning_opt.distributed.consensus.agree`;
 * which tensors a sync touches, and when a non-finite value is corruption: ``distributed/buffers.py``;
 * every rank's own state in checkpoints (exact resume): ``strategies/_checkpoint.py``;
-* process lifetime: ``distributed/lifecycle.py``.
+* process lifetime: ``distributed/lifecycle.py``;
+* Lightning's per-batch SIGTERM broadcast, kept only on steps that communicate: ``strategies/_sigterm.py``.
 
 This file connects them to Lightning's hooks: it counts optimizer steps and runs the subclass's :meth:`_sync`
 when the clock says so; evaluation, ``trainer.fit``'s final weights and checkpoints see the *consensus* weights
@@ -57,6 +58,7 @@ from lightning_opt.strategies._checkpoint import (
     saved_run,
 )
 from lightning_opt.strategies._clock import SyncClock
+from lightning_opt.strategies._sigterm import broadcast_sigterm_only_when
 from lightning_opt.strategies.errors import NonFiniteError
 from lightning_opt.strategies.schedules import PeriodSchedule, as_schedule
 
@@ -129,6 +131,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         self._param_views: dict[int, tuple[tuple, list[Tensor], int]] = {}  # see SyncAveraging._param_view
         self._buffer_rules = BufferRules()
         self._launch_record = LaunchRecord()
+        self._undo_sigterm: Callable[[], None] | None = None  # set in `setup` (a lambda here would not pickle)
 
     @property
     def schedule(self) -> PeriodSchedule:
@@ -156,6 +159,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
+        self._undo_sigterm = broadcast_sigterm_only_when(trainer, self._next_step_communicates)
         super().setup(trainer)
 
     @override
@@ -171,6 +175,9 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         for summer in self._grad_sums.values():
             summer.remove()
         self._grad_sums.clear()
+        if self._undo_sigterm is not None:
+            self._undo_sigterm()
+            self._undo_sigterm = None
         super().teardown()
         self._launch_record.undo()
 
@@ -215,6 +222,17 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         if idx == 0 and self._trainer is not None and logs_this_step(self._trainer):
             self._log_metrics(self.comm_stats)  # Lightning's step and log_every_n_steps cadence, warm-up included
         return output
+
+    def _next_step_communicates(self) -> bool:
+        """Whether some optimizer's next step averages gradients or may sync (the same on every rank)."""
+        if not self.optimizers:
+            return True
+        for idx in range(len(self.optimizers)):
+            step = self.clock.upcoming(idx)
+            if (self.average_gradients_every_step or self.clock.in_warmup(step) or not self.clock.scheduled(idx)
+                    or self.clock.due(idx, step)):
+                return True
+        return False
 
     def _sync_if_due(self, idx: int, step: int) -> bool:
         """Run :meth:`_sync` if optimizer ``idx``'s step ``step`` ends a period; whether it did."""

@@ -1,0 +1,79 @@
+"""A local step issues no collective at all: not ours, and not Lightning's per-batch SIGTERM broadcast either
+(strategies/_sigterm.py), which made every local step wait for the slowest rank. Counted in process (one thread
+per rank, tests/threaded.py) by wrapping every ``torch.distributed`` collective the code paths use."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch.distributed as dist
+from scripts._common import TinyModel, pl
+from threaded import run_threaded, trainer
+
+from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDStrategy
+
+pytestmark = pytest.mark.timeout(120)
+
+COLLECTIVES = ("all_reduce", "broadcast", "barrier", "all_gather", "all_gather_into_tensor", "gather",
+               "all_gather_object", "broadcast_object_list", "reduce_scatter", "scatter", "reduce")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Per thread (rank), the collectives issued so far."""
+    counts: dict[int, int] = {}
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def wrapper(*args, _original=original, **kwargs):
+            key = threading.get_ident()
+            counts[key] = counts.get(key, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dist, name, wrapper)
+    return counts
+
+
+class PerStep(pl.Callback):
+    """The collectives each optimizer step's batch issued (from the end of the previous batch to the end of this
+    one, so the SIGTERM broadcast at the start of a batch counts for that batch's step)."""
+
+    def __init__(self, counts: dict[int, int]) -> None:
+        self.counts, self.per_step, self.last = counts, {}, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = self.counts.get(threading.get_ident(), 0)
+        self.per_step[trainer.global_step] = now - self.last
+        self.last = now
+
+    def on_train_start(self, trainer, pl_module):
+        self.last = self.counts.get(threading.get_ident(), 0)
+
+
+def _steps_with_collectives(counted, make_strategy, steps: int) -> list[list[int]]:
+    models = [TinyModel(bn=False) for _ in range(2)]
+
+    def rank_fn(rank: int):
+        cb = PerStep(counted)
+        trainer(2, rank, make_strategy(), steps, [cb]).fit(models[rank])
+        return [s for s, n in sorted(cb.per_step.items()) if n > 0]
+
+    return run_threaded(2, rank_fn)
+
+
+@pytest.mark.parametrize("make, expected", [
+    # warm-up 2 (averaged), step 3 (its period is not known before it runs), then syncs after steps 6 and 10
+    (lambda: LocalSGDStrategy(period=4, warmup_steps=2), [1, 2, 3, 6, 10]),
+    (lambda: LocalSGDStrategy(period=3, outer_lr=0.7, outer_momentum=0.6), [1, 3, 6, 9]),
+    (lambda: LSGDStrategy(period=5, pull=0.3), [1, 5, 10]),
+    (lambda: LookaheadStrategy(period=4, mode="local"), [1, 4, 8]),
+], ids=["local_sgd_warmup", "local_sgd_outer", "lsgd", "lookahead_local"])
+def test_only_steps_that_sync_or_average_communicate(counted, make, expected):
+    assert _steps_with_collectives(counted, make, 10) == [expected, expected]
+
+
+def test_steps_that_average_gradients_still_carry_the_sigterm_flag(counted):
+    # Lookahead mode="sync" averages every step: every step communicates, the flag with it
+    assert _steps_with_collectives(counted, lambda: LookaheadStrategy(period=4, mode="sync"), 6) == [
+        list(range(1, 7))] * 2
