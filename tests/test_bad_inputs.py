@@ -203,6 +203,13 @@ TABLE: dict[str, list[tuple]] = {
         ({"lag": True}, "lag", "expected an int with lag >= 0"),
         ({"seed": -1}, "seed", "expected None or an int with seed >= 0"),
     ],
+    "AutoResume": [
+        ({"dirpath": ""}, "dirpath", "a non-empty path"), ({"dirpath": 3}, "dirpath", "a non-empty path"),
+        ({"dirpath": "run", "every_n_syncs": 0}, "every_n_syncs", "every_n_syncs >= 1"),
+        ({"dirpath": "run", "every_n_steps": 0}, "every_n_steps", "None or an int with every_n_steps >= 1"),
+        ({"dirpath": "run", "every_n_steps": 2.0}, "every_n_steps"),
+        ({"dirpath": "run", "keep": 0}, "keep", "keep >= 1"),
+    ],
     "DashboardCallback": [({"layout": []}, "layout"), ({"layout": "default"}, "layout")],
     "ProgressBarMetrics": [({"keys": {"grad/norm": 1}}, "keys"), ({"keys": ["grad/norm"]}, "keys"),
                            ({"show_sync": "yes"}, "show_sync")],

@@ -1,5 +1,7 @@
-"""Lightning callbacks that log optimisation dynamics to TensorBoard (built on ``lightning_opt.stats``)."""
+"""Lightning callbacks that log optimisation dynamics to TensorBoard (built on ``lightning_opt.stats``), and
+:class:`AutoResume`, which makes a restarted job resume by itself."""
 
+from lightning_opt.callbacks.auto_resume import AutoResume
 from lightning_opt.callbacks.grad_norm import GradNormMonitor
 from lightning_opt.callbacks.gradient_noise import GradientNoiseMonitor
 from lightning_opt.callbacks.progress import ProgressBarMetrics
@@ -8,6 +10,7 @@ from lightning_opt.callbacks.sharpness import CURVATURE_ATTR, SharpnessMonitor
 from lightning_opt.callbacks.time_average import TimeAverageMonitor
 
 __all__ = [
+    "AutoResume",
     "CURVATURE_ATTR",
     "GradNormMonitor",
     "GradientNoiseMonitor",
