@@ -5,6 +5,8 @@ torchrun restarts with killed processes are in tests/test_elastic.py."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from scripts._common import CaptureLogger, TinyModel, flat_params, pl
@@ -143,3 +145,35 @@ def test_every_n_steps_is_required_without_periodic_syncs(tmp_path):
 
     with pytest.raises(Exception, match="every_n_steps=None; expected an int >= 1 with SingleDeviceStrategy"):
         rank_fn(0)
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (2, 4)], ids=["shrink", "grow"])
+def test_lsgd_groups_form_again_when_the_world_changes(tmp_path, before, after):
+    """Groups of 2 ranks (one or two groups) checkpoint at step 6; the restart has another world size: it warns,
+    resumes from the consensus with the sync schedule and step counters carried over, and trains on to step 12."""
+    from lightning_opt.strategies import LSGDStrategy
+
+    def fit(world: int, max_steps: int):
+        models = [TinyModel(bn=False, momentum=0.5, lr=0.02, n=96) for _ in range(world)]
+
+        def rank_fn(rank: int):
+            strategy = LSGDStrategy(period=3, pull=0.25, leader_window=2, group_size=2, global_period=6,
+                                    global_pull=0.6)
+            strategy.cluster_environment = ThreadRank(rank, world)
+            counter = StepsRun()
+            trainer = scripts_trainer(strategy, max_steps=max_steps, devices=world, enable_checkpointing=True,
+                                      callbacks=[AutoResume(tmp_path, every_n_syncs=1), counter])
+            trainer.fit(models[rank])
+            return counter.steps, strategy.clock.state_dict()
+
+        return run_threaded(world, rank_fn)
+
+    fit(before, 6)
+    with warnings.catch_warnings(record=True) as caught:  # the threads' warnings land here (process-wide)
+        warnings.simplefilter("always")
+        resumed = fit(after, 12)
+    for steps, clock in resumed:
+        assert steps == 6
+        assert clock["steps"] == {0: 12} and clock["next_sync"] == {0: 15}
+    messages = [str(w.message) for w in caught]
+    assert any(f"written with world size {before}, resuming with {after}" in m for m in messages), messages
