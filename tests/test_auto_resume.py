@@ -177,3 +177,33 @@ def test_lsgd_groups_form_again_when_the_world_changes(tmp_path, before, after):
         assert clock["steps"] == {0: 12} and clock["next_sync"] == {0: 15}
     messages = [str(w.message) for w in caught]
     assert any(f"written with world size {before}, resuming with {after}" in m for m in messages), messages
+
+
+def test_the_outer_optimizer_state_carries_over_a_change_of_world_size(tmp_path):
+    """Local SGD's anchor and outer momentum (identical on every rank) are restored whatever the new world size."""
+    _fit_ranks(tmp_path, 6)  # 2 ranks, checkpoint after step 6
+    saved = torch.load(files.checkpoint_path(tmp_path, 6), weights_only=False)["lightning_opt"]["strategy"]["extra"]
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            strategy = trainer.strategy
+            self.state = {"anchor": [a.clone() for a in strategy._anchor[0]],
+                          "momentum": [m.clone() for m in strategy._momentum[0]]}
+
+    def rank_fn(rank: int):
+        at_start = AtStart()
+        strategy = LocalSGDStrategy(period=PERIOD, outer_lr=0.7, outer_momentum=0.6)
+        strategy.cluster_environment = ThreadRank(rank, 1)
+        scripts_trainer(strategy, max_steps=9, devices=1, enable_checkpointing=True,
+                        callbacks=[AutoResume(tmp_path, every_n_syncs=2), at_start]).fit(
+            TinyModel(bn=False, momentum=0.9, n=48))
+        return at_start.state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the world-size warning is checked in the LSGD test above
+        [state] = run_threaded(1, rank_fn)
+    for key in ("anchor", "momentum"):
+        assert len(state[key]) == len(saved[key][0]) == 4
+        for got, want in zip(state[key], saved[key][0]):
+            torch.testing.assert_close(got, want.to(got.dtype), atol=0, rtol=0)
+    assert any(float(m.abs().max()) > 0 for m in state["momentum"])  # a real momentum, not a fresh zero
