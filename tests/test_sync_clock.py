@@ -93,3 +93,17 @@ def test_before_any_step_the_answer_comes_from_the_schedule_with_the_current_lr(
     restored = _Asked()
     SyncClock(restored, warmup_steps=0).load_state_dict(SyncClock(schedule, warmup_steps=0).state_dict())
     assert restored.loaded == [{"asked": 2}]
+
+
+def test_the_steps_that_communicate_are_warmup_the_first_local_step_and_each_sync():
+    clock = SyncClock(ConstantPeriod(3), warmup_steps=2)
+    talks = []
+    for _ in range(9):
+        talks.append(clock.next_step_communicates(1, averaged=False))
+        _run(clock, 1)
+    assert [step for step, t in enumerate(talks, start=1) if t] == [1, 2, 3, 5, 8]
+    assert clock.next_step_communicates(1, averaged=True) and clock.next_step_communicates(0, averaged=False)
+    assert not clock.next_step_communicates(1, averaged=False)  # step 10: local
+    clock.schedule_next(1, 0, 0.1, None)  # a second optimizer whose sync is due at its next step (3)
+    clock.count(1, 2)
+    assert clock.next_step_communicates(2, averaged=False)

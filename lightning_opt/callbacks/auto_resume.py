@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import OnExceptionCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_opt._ownership import RankLocal
 from lightning_opt._validation import check_int, invalid
 from lightning_opt.callbacks import _run_directory as files
 from lightning_opt.callbacks._common import log_scalars
@@ -27,7 +28,7 @@ _LIGHTNING_NOTES = (re.escape("`.fit(ckpt_path=None)` was called without a model
                     re.escape('.fit(ckpt_path="last") is set, but there is no last checkpoint available.'))
 
 
-class AutoResume(OnExceptionCheckpoint):
+class AutoResume(RankLocal, OnExceptionCheckpoint):
     """Checkpoint every ``every_n_syncs``-th sync (or every ``every_n_steps`` optimizer steps) into ``dirpath``,
     and, when the same script starts again (a restart after a lost worker), resume from the newest complete one
     exactly as ``trainer.fit(ckpt_path=...)`` would, every rank's local state included.

@@ -40,6 +40,14 @@ class SyncClock:
     def due(self, idx: int, step: int) -> bool:
         return self.next_sync.get(idx) == step
 
+    def next_step_communicates(self, optimizers: int, averaged: bool) -> bool:
+        """Whether the next step of some optimizer averages gradients (warm-up, or ``averaged``: every step) or may
+        end in a sync (before its first period is scheduled, it may); True while there is no optimizer yet."""
+        if averaged or optimizers == 0:
+            return True
+        return any(self.in_warmup(self.upcoming(i)) or not self.scheduled(i) or self.due(i, self.upcoming(i))
+                   for i in range(optimizers))
+
     def schedule_next(self, idx: int, step: int, lr: float, trainer: Any) -> None:
         """Ask the schedule for the period that starts after ``step``."""
         period = int(self.schedule.next_period(step, lr, trainer))

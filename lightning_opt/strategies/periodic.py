@@ -159,7 +159,8 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
-        self._undo_sigterm = broadcast_sigterm_only_when(trainer, self._next_step_communicates)
+        self._undo_sigterm = broadcast_sigterm_only_when(trainer, lambda: self.clock.next_step_communicates(
+            len(self.optimizers), self.average_gradients_every_step))
         super().setup(trainer)
 
     @override
@@ -222,17 +223,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         if idx == 0 and self._trainer is not None and logs_this_step(self._trainer):
             self._log_metrics(self.comm_stats)  # Lightning's step and log_every_n_steps cadence, warm-up included
         return output
-
-    def _next_step_communicates(self) -> bool:
-        """Whether some optimizer's next step averages gradients or may sync (the same on every rank)."""
-        if not self.optimizers:
-            return True
-        for idx in range(len(self.optimizers)):
-            step = self.clock.upcoming(idx)
-            if (self.average_gradients_every_step or self.clock.in_warmup(step) or not self.clock.scheduled(idx)
-                    or self.clock.due(idx, step)):
-                return True
-        return False
 
     def _sync_if_due(self, idx: int, step: int) -> bool:
         """Run :meth:`_sync` if optimizer ``idx``'s step ``step`` ends a period; whether it did."""
