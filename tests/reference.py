@@ -8,6 +8,8 @@ gets rows r, r + N, r + 2N, …) and cut into batches in order, epoch after epoc
 
 from __future__ import annotations
 
+import math
+
 import torch
 from scripts._common import TinyModel, make_data
 
@@ -119,3 +121,12 @@ def local_sgd_outer(lr: float, mu: float, nesterov: bool, k: int, steps: int, wo
         for r, w in enumerate(workers):
             out[r].append(w.flat())
     return [torch.stack(o) for o in out]
+
+
+def same(a, b, rel: float = 1e-9) -> bool:
+    """Equal up to rounding (relative ``rel``, absolute 1e-12), a NaN equal to a NaN: for by-value checks of
+    statistics whose undefined cases return NaN."""
+    a, b = float(a), float(b)
+    if math.isnan(b):
+        return math.isnan(a)
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
