@@ -366,3 +366,11 @@ def test_hvp_through_attention_uses_a_twice_differentiable_kernel():
             offset += p.numel()
     g_minus = flat_grad()
     torch.testing.assert_close(hv, (g_plus - g_minus) / (2 * eps), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(4, 8))
+def test_a_warm_start_that_the_noise_cancels_falls_back_to_the_warm_start(seed):
+    # dimension 1: v0 = [1] plus warm_noise 1.0 times a unit noise of -1 sums to 0 (seeds 4-7 draw a negative one)
+    eig = lanczos_extreme_eigs(lambda v: 2 * v, 1, v0=torch.ones(1), warm_noise=1.0,
+                               generator=torch.Generator().manual_seed(seed))
+    assert eig.lambda_max == pytest.approx(2.0) and eig.lambda_min == pytest.approx(2.0)

@@ -245,9 +245,9 @@ def test_acclip_adaptive_momentum_exactly_at_tau_is_not_clipped(foreach):
     assert stats["clip_fraction"] == 0.25
     # x = -(2 lr / d) clamp(m, -tau, tau) = -clamp(m, -0.5, 0.5)
     torch.testing.assert_close(params[0].detach(), torch.tensor([-0.5, 0.5, -0.5, -0.25], dtype=torch.float64))
-    single = [torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))]
-    opt = ACClip(single, lr=0.1, foreach=foreach)  # one coordinate; m = 0.1 g > tau = 0.01 |g| at step 1
-    assert _one_step(opt, single, (2.0,))["clip_fraction"] == 1.0
+    single = [torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))]  # one coordinate in all, not clipped
+    opt = ACClip(single, lr=0.125, betas=(0.5, 0.75), eps=0.25, weight_decay=0.0, adaptive=True, foreach=foreach)
+    assert _one_step(opt, single, (0.5,))["clip_fraction"] == 0.0
 
 
 @pytest.mark.parametrize("foreach", [True, False])

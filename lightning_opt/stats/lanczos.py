@@ -93,8 +93,9 @@ def _start_vector(dim: int, v0: Tensor | None, warm_noise: float, generator: tor
     q = _normalise(q)
     if q is None:  # unusable warm start: fall back to a random vector
         return _normalise(noise)
-    if warm_noise > 0:
-        q = _normalise(q + warm_noise * _normalise(noise))
+    if warm_noise > 0:  # the noise can cancel the warm start (dimension 1): keep the unperturbed start then
+        perturbed = _normalise(q + warm_noise * _normalise(noise))
+        q = q if perturbed is None else perturbed
     return q
 
 
