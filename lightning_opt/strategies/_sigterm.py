@@ -9,7 +9,9 @@ rank, and this broadcast made it wait for the slowest rank (and, on a real netwo
 With this the flag is broadcast at the start of every batch of an optimizer step that syncs or averages gradients
 (warm-up, Lookahead ``mode="sync"``, the step that ends a period, and the first step after warm-up, whose period is
 not yet known), a decision every rank takes alike from the same step counters, so the collectives still pair up.
-A SIGTERM that reaches rank 0 still stops every rank at the same step, at most one period later than under DDP.
+A SIGTERM that reaches rank 0 alone still stops every rank: rank 0 after its current step (Lightning's own check),
+the others at the start of the next step that communicates, at most one period later than under DDP
+(docs/COMPATIBILITY.md; ``tests/test_reliability.py``).
 """
 
 from __future__ import annotations
