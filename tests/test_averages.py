@@ -137,6 +137,7 @@ def test_batch_means_telescoping_cycle_contains_zero():
     "call, match",
     [
         (lambda: CesaroAverage(-1), "shape"),
+        (lambda: CesaroAverage(2.0), "invalid shape=2.0"),
         (lambda: CesaroAverage(dtype=torch.int64), "dtype"),
         (lambda: WindowedAverage(0), "window"),
         (lambda: batch_means_ci([1.0] * 10, 1), "n_batches"),

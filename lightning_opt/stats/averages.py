@@ -56,7 +56,10 @@ def _as_shape(shape: _Shape) -> tuple[int, ...]:
         raise invalid("shape", shape, "an int or a sequence of non-negative ints")
     if isinstance(shape, int):
         shape = (shape,)
-    out = tuple(shape)
+    try:
+        out = tuple(shape)
+    except TypeError:  # not iterable (a float, None): the same ValueError as any other bad shape
+        raise invalid("shape", shape, "an int or a sequence of non-negative ints") from None
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in out):
         raise invalid("shape", shape, "an int or a sequence of non-negative ints")
     return out
