@@ -5,7 +5,7 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 
 class BenchMLP(pl.LightningModule):
@@ -33,3 +33,11 @@ class BenchMLP(pl.LightningModule):
         ds = self.dataset()
         sampler = DistributedSampler(ds, self.world, self.global_rank, shuffle=True, seed=0)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
+
+
+def argmax_data() -> TensorDataset:
+    """The strategy and fault benchmarks' data: 4096 Gaussian inputs (seed 0), labelled by the argmax of their
+    first 10 coordinates."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g)
+    return TensorDataset(x, x[:, :10].argmax(1))

@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-from _mlp import BenchMLP
+from _mlp import BenchMLP, argmax_data
 from pytorch_lightning.loggers import Logger
-from torch.utils.data import TensorDataset
 
 from lightning_opt.callbacks import AutoResume
 from lightning_opt.strategies import LocalSGDStrategy
@@ -24,12 +22,6 @@ out, mode = Path(sys.argv[1]), sys.argv[2]
 attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 STEPS, KILL_AT = 240, 100
-
-
-def data() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, 64, generator=g)
-    return TensorDataset(x, x[:, :10].argmax(1))
 
 
 class Record(Logger, pl.Callback):
@@ -62,7 +54,7 @@ trainer = pl.Trainer(accelerator="cpu", devices=world, max_steps=STEPS, logger=r
                      enable_checkpointing=mode != "none", enable_progress_bar=False, enable_model_summary=False,
                      use_distributed_sampler=False, log_every_n_steps=1)
 start = time.perf_counter()
-trainer.fit(BenchMLP(data, in_dim=64, width=512, classes=10, batch_size=32, world=world))
+trainer.fit(BenchMLP(argmax_data, in_dim=64, width=512, classes=10, batch_size=32, world=world))
 if rank == 0:
     (out / f"{mode}.json").write_text(json.dumps({
         "seconds": time.perf_counter() - start, "first_step_end": record.first_step_end, "attempt": attempt,

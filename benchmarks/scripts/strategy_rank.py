@@ -17,9 +17,8 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from _mlp import BenchMLP
+from _mlp import BenchMLP, argmax_data
 from pytorch_lightning.strategies import SingleDeviceStrategy
-from torch.utils.data import TensorDataset
 
 import lightning_opt  # noqa: F401
 from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDStrategy
@@ -27,12 +26,6 @@ from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDSt
 rows = [(name, int(period)) for name, period in (r.split(":") for r in sys.argv[1].split(","))]
 steps, rounds = int(sys.argv[2]), int(sys.argv[3])
 SKIP = 10  # warm-up iterations left out of every figure
-
-
-def data() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, 64, generator=g)
-    return TensorDataset(x, x[:, :10].argmax(1))
 
 
 class StepTimes(pl.Callback):
@@ -79,7 +72,7 @@ def fit(name: str, period: int) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy(name, period), max_steps=steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False, callbacks=[timer])
-    model = BenchMLP(data, in_dim=64, width=512, classes=10, batch_size=32, world=2)
+    model = BenchMLP(argmax_data, in_dim=64, width=512, classes=10, batch_size=32, world=2)
     trainer.fit(model)
     meter = getattr(trainer.strategy, "meter", None)
     nparams = sum(p.numel() for p in model.parameters())

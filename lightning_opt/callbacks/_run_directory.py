@@ -56,10 +56,11 @@ def newest_complete(dirpath: str | os.PathLike) -> tuple[Path | None, list[Path]
 
 def prune(dirpath: str | os.PathLike, keep: int) -> list[Path]:
     """Delete every checkpoint older than the newest ``keep`` complete ones; returns what was deleted."""
-    kept = [step for step, path in checkpoints(dirpath) if complete(path)][-keep:]
+    found = checkpoints(dirpath)
+    kept = [step for step, path in found if complete(path)][-keep:]
     if not kept:
         return []
-    older = [path for step, path in checkpoints(dirpath) if step < kept[0]]
+    older = [path for step, path in found if step < kept[0]]
     for path in older:
         path.unlink(missing_ok=True)
     return older

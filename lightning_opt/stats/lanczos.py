@@ -338,7 +338,7 @@ def lanczos_extreme_eigs(
         alphas.append(alpha)
         ritz = _estimate(alphas, betas, beta, prev, tol=tol, floor=floor, min_iter=min_iter)
         _keep_claims(ritz, claims)
-        prev = (float(ritz.theta[-1]), float(ritz.theta[0]))
+        prev = (ritz.value("max"), ritz.value("min"))
         done = _requested(ritz.conv, which) or ritz.k == dim
         if stop_reducer is not None:
             done = bool(stop_reducer(done))
