@@ -59,7 +59,8 @@ def dashboard_layout() -> Layout:
         "Communication": {
             "bytes (vs DDP)": ["Multiline", ["comm/bytes", "comm/ddp_bytes"]],
             "syncs and period": ["Multiline", ["comm/syncs", "comm/period"]],
-            "sync seconds": ["Multiline", ["comm/sync_seconds"]],
+            "sync seconds": ["Multiline", ["comm/sync_seconds", "comm/overlap_wait_seconds"]],
+            "peak bytes per sync": ["Multiline", ["comm/peak_bytes_per_sync"]],
             "LSGD leader": ["Multiline", ["lsgd/leader", "lsgd/score_spread", "lsgd/leader_score"]],
         },
     }

@@ -130,3 +130,52 @@ def same(a, b, rel: float = 1e-9) -> bool:
     if math.isnan(b):
         return math.isnan(a)
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+
+
+def streaming_diloco(k: int, steps: int, parts: list[list[int]], offsets: list[int], overlap: int, mix: float,
+                     outer: str = "sgd", lr: float = 1.0, mu: float = 0.0, nesterov: bool = False,
+                     world: int = 2) -> list[torch.Tensor]:
+    """Streaming DiLoCo (Douillard et al. 2025, Alg. 1–2) over TinyModel(bn=False)'s 4 parameter tensors: fragment
+    p (the tensors ``parts[p]``) sends Δ_p = mean over workers of (a_p − x_p) after local steps t with
+    (t − 1) mod k + 1 = ``offsets[p]``; ``overlap`` steps later (right away if 0) the outer step moves a_p (SGD:
+    m ← μ m + Δ, d = Δ + μ m (Nesterov) or m, a ← a − lr d; "adam": Adam at lr with β = (0.9, 0.999), ε = 1e-8,
+    one step count per fragment) and every worker merges x_p ← (1 − mix) x_p + mix a_p. Returns each worker's flat
+    weights after every step."""
+    workers = [Worker(r, world) for r in range(world)]
+    inners = [HeavyBall(w) for w in workers]
+    anchor = list(workers[0].x)
+    m1 = [torch.zeros_like(a) for a in anchor]
+    v = [torch.zeros_like(a) for a in anchor]
+    count = [0] * len(parts)
+    flying: dict[int, tuple[int, dict[int, torch.Tensor]]] = {}
+
+    def apply(p: int) -> None:
+        _, delta = flying.pop(p)
+        count[p] += 1
+        for i in parts[p]:
+            g = delta[i]
+            if outer == "adam":
+                m1[i] = 0.9 * m1[i] + 0.1 * g
+                v[i] = 0.999 * v[i] + 0.001 * g * g
+                c1, c2 = 1 - 0.9 ** count[p], 1 - 0.999 ** count[p]
+                anchor[i] = anchor[i] - lr * (m1[i] / c1) / ((v[i] / c2).sqrt() + 1e-8)
+            else:
+                m1[i] = mu * m1[i] + g
+                anchor[i] = anchor[i] - lr * (g + mu * m1[i] if nesterov else m1[i])
+            for w in workers:
+                w.x[i] = (1 - mix) * w.x[i] + mix * anchor[i]
+
+    out: list[list[torch.Tensor]] = [[] for _ in workers]
+    for t in range(1, steps + 1):
+        for inner in inners:
+            inner.step(t - 1)
+        for p in sorted(p for p, (at, _) in flying.items() if at == t):
+            apply(p)
+        for p, o in enumerate(offsets):
+            if (t - 1) % k + 1 == o:
+                flying[p] = (t + overlap, {i: sum(anchor[i] - w.x[i] for w in workers) / world for i in parts[p]})
+                if overlap == 0:
+                    apply(p)
+        for r, w in enumerate(workers):
+            out[r].append(w.flat())
+    return [torch.stack(o) for o in out]

@@ -84,6 +84,14 @@ TABLE: dict[str, list[tuple]] = {
         ({"outer_lr": INF}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
         ({"outer_momentum": -0.1}, "outer_momentum"), ({"outer_nesterov": "yes"}, "outer_nesterov"),
         ({"outer_nesterov": True}, "outer_nesterov"),  # Nesterov without momentum
+        ({"fragments": 0}, "fragments"), ({"fragments": 2.0}, "fragments"),
+        ({"period": 4, "fragments": 5}, "fragments", "[1, period=4]"),
+        ({"overlap_steps": -1}, "overlap_steps"), ({"period": 4, "overlap_steps": 4}, "overlap_steps", "[0, period=4)"),
+        ({"merge_mix": 0.0}, "merge_mix"), ({"merge_mix": 1.5}, "merge_mix"), ({"merge_mix": NAN}, "merge_mix"),
+        ({"comm_dtype": "fp8"}, "comm_dtype"), ({"comm_dtype": torch.int8}, "comm_dtype"),
+        ({"outer_optimizer": "sgd"}, "outer_optimizer", "a callable"),
+        ({"outer_optimizer": torch.optim.SGD, "outer_lr": 0.7}, "outer_optimizer", "the SGD shorthand"),
+        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "fragments": 2}, "period", "an int with"),
     ],
     "LSGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
         ({"pull": 0.0}, "pull"), ({"pull": 1.5}, "pull"), ({"pull": NAN}, "pull"),
@@ -99,6 +107,9 @@ TABLE: dict[str, list[tuple]] = {
     "LookaheadStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
         ({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha"), ({"alpha": NAN}, "alpha"),
         ({"mode": "async"}, "mode"), ({"pullback_momentum": "keep"}, "pullback_momentum"),
+        ({"mode": "sync", "fragments": 2}, "mode", "'local' with fragments"),
+        ({"mode": "local", "comm_dtype": "int8", "pullback_momentum": "reset"}, "pullback_momentum", "'none' with"),
+        ({"mode": "local", "outer_optimizer": torch.optim.SGD}, "outer_optimizer", "the outer step is alpha"),
     ],
     "EASGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
         ({"beta": 0.0}, "beta", "beta in (0, 1]"), ({"beta": 1.5}, "beta", "beta in (0, 1]"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -15,7 +16,9 @@ class CommMeter:
     ``bytes``: payload of the strategy's training collectives (every bucket, flag vector and score gather);
     ``syncs``: synchronisations; ``sync_seconds``: wall-clock time spent in them; ``ddp_bytes``: the gradient
     bytes DDP would have all-reduced for the same optimizer steps (the baseline ``bytes`` compares with);
-    ``eval_bytes``: bytes moved to build consensus weights for evaluation and checkpoints (:meth:`as_eval`).
+    ``eval_bytes``: bytes moved to build consensus weights for evaluation and checkpoints (:meth:`as_eval`);
+    ``peak_bytes_per_sync``: the most ``bytes`` one sync moved (a streamed sync moves one fragment);
+    ``overlap_wait_seconds``: time blocked waiting for an outer gradient sent ahead (streamed syncs).
     """
 
     bytes: int = 0
@@ -23,10 +26,21 @@ class CommMeter:
     sync_seconds: float = 0.0
     ddp_bytes: int = 0
     eval_bytes: int = 0
+    peak_bytes_per_sync: int = 0
+    overlap_wait_seconds: float = 0.0
 
     def add(self, nbytes: int) -> None:
         """Count the payload of one collective."""
         self.bytes += int(nbytes)
+
+    @contextmanager
+    def sync(self) -> Iterator[None]:
+        """Count the block as one sync: its time, and its bytes towards the peak."""
+        start, before = time.perf_counter(), self.bytes
+        yield  # a sync that raises is not counted
+        self.syncs += 1
+        self.sync_seconds += time.perf_counter() - start
+        self.peak_bytes_per_sync = max(self.peak_bytes_per_sync, self.bytes - before)
 
     @contextmanager
     def as_eval(self) -> Iterator[None]:

@@ -45,12 +45,16 @@ class LookaheadStrategy(LocalSGDStrategy):
     Evaluation, ``fit``'s final weights and saved ``state_dict`` use the slow weights; training continues from the
     fast weights. Exact resume covers slow weights, counters and inner optimizer state.
 
+    ``mode="local"`` also streams like Local SGD (``fragments``, ``overlap_steps``, ``merge_mix``, ``comm_dtype``:
+    see :class:`LocalSGDStrategy`), with outer lr α and no momentum.
+
     Other arguments (``warmup_steps``, ``average_buffers``, ``nonfinite``, ``bucket_cap_mb``, ``timeout``,
     ``start_method``, Lightning's ``DDPStrategy`` arguments): see
     :class:`~lightning_opt.strategies.periodic.PeriodicSyncStrategy`.
     """
 
     strategy_name = "lookahead"
+    _outer_optimizer_rule = "None (the outer step is alpha's: z ← z + α(x̄ − z))"
 
     def __init__(
         self,
@@ -71,6 +75,11 @@ class LookaheadStrategy(LocalSGDStrategy):
         self.momentum_keys = tuple(momentum_keys)
         super().__init__(period=period, outer_lr=alpha, **kwargs)
         self.average_gradients_every_step = self.mode == "sync"
+        if self.streams and self.mode != "local":
+            raise invalid("mode", mode, "'local' with fragments, overlap_steps or comm_dtype (mode 'sync' sends "
+                          "gradients every step, not outer gradients)")
+        if self.streams and self.pullback_momentum != "none":
+            raise invalid("pullback_momentum", pullback_momentum, "'none' with fragments, overlap_steps or comm_dtype")
 
     @property
     def uses_outer(self) -> bool:
@@ -137,5 +146,7 @@ class LookaheadStrategy(LocalSGDStrategy):
                 slow_m.copy_(m)
 
     def __repr__(self) -> str:
+        stream = (f", fragments={self.fragments}, overlap_steps={self.overlap_steps}, merge_mix={self.merge_mix}, "
+                  f"comm_dtype={self.comm_dtype!r}" if self.streams else "")
         return (f"LookaheadStrategy(period={self.schedule!r}, alpha={self.alpha}, mode={self.mode!r}, "
-                f"pullback_momentum={self.pullback_momentum!r})")
+                f"pullback_momentum={self.pullback_momentum!r}{stream})")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -232,10 +231,8 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
             self._schedule_next(idx, step - 1)  # local training starts: its first period
         if not self.clock.due(idx, step):
             return False
-        start = time.perf_counter()
-        self._sync(idx, step)
-        self.meter.syncs += 1
-        self.meter.sync_seconds += time.perf_counter() - start
+        with self.meter.sync():
+            self._sync(idx, step)
         self._schedule_next(idx, step)
         return True
 
