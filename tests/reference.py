@@ -132,38 +132,43 @@ def same(a, b, rel: float = 1e-9) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
 
 
-def streaming_diloco(k: int, steps: int, parts: list[list[int]], offsets: list[int], overlap: int, mix: float,
+def streaming_diloco(k: int, steps: int, parts: list[tuple[int, int]], offsets: list[int], overlap: int, mix: float,
                      outer: str = "sgd", lr: float = 1.0, mu: float = 0.0, nesterov: bool = False,
                      world: int = 2) -> list[torch.Tensor]:
-    """Streaming DiLoCo (Douillard et al. 2025, Alg. 1–2) over TinyModel(bn=False)'s 4 parameter tensors: fragment
-    p (the tensors ``parts[p]``) sends Δ_p = mean over workers of (a_p − x_p) after local steps t with
-    (t − 1) mod k + 1 = ``offsets[p]``; ``overlap`` steps later (right away if 0) the outer step moves a_p (SGD:
-    m ← μ m + Δ, d = Δ + μ m (Nesterov) or m, a ← a − lr d; "adam": Adam at lr with β = (0.9, 0.999), ε = 1e-8,
-    one step count per fragment) and every worker merges x_p ← (1 − mix) x_p + mix a_p. Returns each worker's flat
-    weights after every step."""
+    """Streaming DiLoCo (Douillard et al. 2025, Alg. 1–2) over TinyModel(bn=False)'s weights flattened (129 values):
+    fragment p (the values ``parts[p] = (start, stop)``) sends Δ_p = mean over workers of (a_p − x_p) after local
+    steps t with (t − 1) mod k + 1 = ``offsets[p]``; ``overlap`` steps later (right away if 0) the outer step moves
+    a_p (SGD: m ← μ m + Δ, d = Δ + μ m (Nesterov) or m, a ← a − lr d; "adam": Adam at lr with β = (0.9, 0.999),
+    ε = 1e-8, one step count per fragment) and every worker merges x_p ← (1 − mix) x_p + mix a_p. Returns each
+    worker's flat weights after every step."""
     workers = [Worker(r, world) for r in range(world)]
     inners = [HeavyBall(w) for w in workers]
-    anchor = list(workers[0].x)
-    m1 = [torch.zeros_like(a) for a in anchor]
-    v = [torch.zeros_like(a) for a in anchor]
+    shapes = [x.shape for x in workers[0].x]
+    anchor = workers[0].flat().clone()
+    m1, v = torch.zeros_like(anchor), torch.zeros_like(anchor)
     count = [0] * len(parts)
-    flying: dict[int, tuple[int, dict[int, torch.Tensor]]] = {}
+    flying: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def set_flat(w: Worker, flat: torch.Tensor) -> None:
+        sizes = [math.prod(s) for s in shapes]
+        w.x = [c.reshape(s).clone() for c, s in zip(flat.split(sizes), shapes)]
 
     def apply(p: int) -> None:
-        _, delta = flying.pop(p)
+        _, g = flying.pop(p)
+        a, b = parts[p]
         count[p] += 1
-        for i in parts[p]:
-            g = delta[i]
-            if outer == "adam":
-                m1[i] = 0.9 * m1[i] + 0.1 * g
-                v[i] = 0.999 * v[i] + 0.001 * g * g
-                c1, c2 = 1 - 0.9 ** count[p], 1 - 0.999 ** count[p]
-                anchor[i] = anchor[i] - lr * (m1[i] / c1) / ((v[i] / c2).sqrt() + 1e-8)
-            else:
-                m1[i] = mu * m1[i] + g
-                anchor[i] = anchor[i] - lr * (g + mu * m1[i] if nesterov else m1[i])
-            for w in workers:
-                w.x[i] = (1 - mix) * w.x[i] + mix * anchor[i]
+        if outer == "adam":
+            m1[a:b] = 0.9 * m1[a:b] + 0.1 * g
+            v[a:b] = 0.999 * v[a:b] + 0.001 * g * g
+            c1, c2 = 1 - 0.9 ** count[p], 1 - 0.999 ** count[p]
+            anchor[a:b] = anchor[a:b] - lr * (m1[a:b] / c1) / ((v[a:b] / c2).sqrt() + 1e-8)
+        else:
+            m1[a:b] = mu * m1[a:b] + g
+            anchor[a:b] = anchor[a:b] - lr * (g + mu * m1[a:b] if nesterov else m1[a:b])
+        for w in workers:
+            flat = w.flat()
+            flat[a:b] = (1 - mix) * flat[a:b] + mix * anchor[a:b]
+            set_flat(w, flat)
 
     out: list[list[torch.Tensor]] = [[] for _ in workers]
     for t in range(1, steps + 1):
@@ -173,7 +178,8 @@ def streaming_diloco(k: int, steps: int, parts: list[list[int]], offsets: list[i
             apply(p)
         for p, o in enumerate(offsets):
             if (t - 1) % k + 1 == o:
-                flying[p] = (t + overlap, {i: sum(anchor[i] - w.x[i] for w in workers) / world for i in parts[p]})
+                a, b = parts[p]
+                flying[p] = (t + overlap, sum(anchor[a:b] - w.flat()[a:b] for w in workers) / world)
                 if overlap == 0:
                     apply(p)
         for r, w in enumerate(workers):

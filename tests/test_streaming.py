@@ -20,38 +20,48 @@ from threaded import RankError, ThreadRank, run_threaded, trainer
 from lightning_opt.callbacks import AutoResume
 from lightning_opt.distributed.outer_reduce import QUANT_BLOCK, InFlight, decode, encode, wire_bytes
 from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy
-from lightning_opt.strategies._streaming import FragmentStream, offsets, partition
+from lightning_opt.strategies._streaming import FragmentStream, offsets, partition, views
 from lightning_opt.strategies.errors import NonFiniteError
 
 pytestmark = pytest.mark.timeout(120)
 
-# TinyModel(bn=False): Linear(6, 16) weight 384 B, bias 64 B, Linear(16, 1) weight 64 B, bias 4 B
-SIZES = [384, 64, 64, 4]
+# TinyModel(bn=False): Linear(6, 16) weight 96 values, bias 16, Linear(16, 1) weight 16, bias 1; float32
+NUMELS, FP32 = [96, 16, 16, 1], [4, 4, 4, 4]
 STEPS = 12
 
 
 # ---------------------------------------------------------------------------------------------- the plan
-def test_partition_of_the_tiny_model_by_bytes():
-    assert partition(SIZES, 1) == [[0, 1, 2, 3]]
-    assert partition(SIZES, 2) == [[0], [1, 2, 3]]  # 384 B reach half of 516 B
-    assert partition(SIZES, 3) == [[0], [1], [2, 3]]
-    assert partition(SIZES, 4) == [[0], [1], [2], [3]]
-    assert partition([4, 4, 4, 4, 4, 4], 3) == [[0, 1], [2, 3], [4, 5]]
+def test_partition_cuts_equal_bytes_inside_a_layer_where_needed():
+    assert partition(NUMELS, FP32, 1) == [[(0, 0, 96), (1, 0, 16), (2, 0, 16), (3, 0, 1)]]
+    assert partition(NUMELS, FP32, 2) == [[(0, 0, 64)], [(0, 64, 96), (1, 0, 16), (2, 0, 16), (3, 0, 1)]]
+    assert partition(NUMELS, FP32, 3) == [[(0, 0, 43)], [(0, 43, 86)], [(0, 86, 96), (1, 0, 16), (2, 0, 16),
+                                                                        (3, 0, 1)]]
+    # bytes, not elements: a float64 tensor counts twice; 1/2 of 48 B falls 2 values into the second tensor
+    assert partition([4, 4], [8, 4], 2) == [[(0, 0, 3)], [(0, 3, 4), (1, 0, 4)]]
+    assert partition([4, 4], [4, 8], 2) == [[(0, 0, 4), (1, 0, 1)], [(1, 1, 4)]]
+    # a parameter that is not one contiguous run is never cut: the cut moves to its end
+    assert partition(NUMELS, FP32, 2, atomic=frozenset({0})) == [[(0, 0, 96)], [(1, 0, 16), (2, 0, 16), (3, 0, 1)]]
     with pytest.raises(ValueError, match="fragments"):
-        partition(SIZES, 5)
+        partition([2, 1], FP32[:2], 4)
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_partition_covers_every_parameter_once_in_order_with_about_equal_bytes(seed):
+def test_partition_covers_every_element_once_in_order_with_equal_bytes(seed):
     rng = np.random.default_rng(seed)
-    sizes = [int(s) for s in rng.integers(1, 1000, size=int(rng.integers(1, 40)))]
-    for fragments in range(1, len(sizes) + 1):
-        parts = partition(sizes, fragments)
+    numels = [int(s) for s in rng.integers(1, 1000, size=int(rng.integers(1, 12)))]
+    sizes = [int(s) for s in rng.choice([2, 4, 8], size=len(numels))]
+    total = sum(n * e for n, e in zip(numels, sizes))
+    for fragments in (1, 2, 3, 5, 8):
+        parts = partition(numels, sizes, fragments)
         assert len(parts) == fragments and all(parts)
-        assert [i for part in parts for i in part] == list(range(len(sizes)))
-        # each block ends at the first parameter that reaches its share, so it exceeds it by less than one parameter
-        for part in parts[:-1]:
-            assert sum(sizes[i] for i in part) < sum(sizes) / fragments + max(sizes) * len(parts)
+        pieces = [piece for part in parts for piece in part]
+        covered = {}
+        for i, lo, hi in pieces:
+            assert 0 <= lo < hi <= numels[i] and covered.get(i, 0) == lo  # in order, no gap, no overlap
+            covered[i] = hi
+        assert covered == dict(enumerate(numels))
+        for part in parts:  # within one element of an equal share
+            assert abs(sum((hi - lo) * sizes[i] for i, lo, hi in part) - total / fragments) <= 2 * max(sizes)
 
 
 def test_offsets_put_the_last_fragment_on_the_period_end():
@@ -67,6 +77,18 @@ def test_which_fragment_syncs_at_which_step_and_the_steps_to_the_next():
     assert [stream.due(s) for s in range(1, 19)] == [
         [], [0], [], [1], [], [2], [], [3], [], [0], [], [1], [], [2], [], [3], [], [0]]
     assert [stream.steps_to_next(s) for s in range(0, 10)] == [2, 1, 2, 1, 2, 1, 2, 1, 2, 1]
+    uneven = FragmentStream(period=10, fragments=4, overlap_steps=0, merge_mix=1.0, comm_dtype="float32",
+                            outer=torch.optim.SGD, meter=None, on_dropped=None)  # syncs after steps 4, 6, 8, 10
+    assert [uneven.steps_to_next(s) for s in range(0, 12)] == [4, 3, 2, 1, 2, 1, 2, 1, 2, 1, 4, 3]
+
+
+def test_views_write_into_the_tensors():
+    a, b = torch.zeros(2, 3), torch.zeros(4)
+    pieces = views([a, b], [(0, 4, 6), (1, 0, 4)])
+    assert [p.shape for p in pieces] == [(2,), (4,)]
+    for p in pieces:
+        p.fill_(1.0)
+    assert a.view(-1).tolist() == [0, 0, 0, 0, 1, 1] and b.tolist() == [1, 1, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------- the encodings
@@ -135,12 +157,13 @@ def _fit(make_strategy, steps: int = STEPS, run_dir=None, world: int = 2) -> lis
     return run_threaded(world, rank_fn)
 
 
+HALVES = [(0, 64), (64, 129)]  # the 129 values cut at 258 of 516 bytes
 CASES = {
     # fragments, period, overlap, merge, outer: (name, lr, momentum, nesterov) -> the reference's parts, offsets
-    "p2-d1-diloco": (2, 4, 1, 0.6, ("sgd", 0.7, 0.6, True), [[0], [1, 2, 3]], [2, 4]),
-    "p1-d2-plain": (1, 4, 2, 1.0, ("sgd", 1.0, 0.0, False), [[0, 1, 2, 3]], [4]),
-    "p3-d0-slowmo": (3, 6, 0, 0.8, ("sgd", 1.0, 0.6, False), [[0], [1], [2, 3]], [2, 4, 6]),
-    "p2-d3-adam": (2, 4, 3, 0.6, ("adam", 0.01, 0.0, False), [[0], [1, 2, 3]], [2, 4]),
+    "p2-d1-diloco": (2, 4, 1, 0.6, ("sgd", 0.7, 0.6, True), HALVES, [2, 4]),
+    "p1-d2-plain": (1, 4, 2, 1.0, ("sgd", 1.0, 0.0, False), [(0, 129)], [4]),
+    "p3-d0-slowmo": (3, 6, 0, 0.8, ("sgd", 1.0, 0.6, False), [(0, 43), (43, 86), (86, 129)], [2, 4, 6]),
+    "p2-d3-adam": (2, 4, 3, 0.6, ("adam", 0.01, 0.0, False), HALVES, [2, 4]),
 }
 
 
@@ -167,7 +190,7 @@ def test_streamed_fit_follows_the_reference(case):
 def test_lookahead_local_streams_with_outer_lr_alpha():
     ours = _fit(lambda: LookaheadStrategy(period=4, alpha=0.3, mode="local", fragments=2, overlap_steps=1,
                                           merge_mix=0.6))
-    ref = streaming_diloco(4, STEPS, [[0], [1, 2, 3]], [2, 4], 1, 0.6, "sgd", 0.3)
+    ref = streaming_diloco(4, STEPS, HALVES, [2, 4], 1, 0.6, "sgd", 0.3)
     for rank in range(2):
         torch.testing.assert_close(ours[rank], ref[rank], atol=3e-6, rtol=1e-5)
 
@@ -211,22 +234,22 @@ class RecordState(pl.Callback):
 
 
 class PoisonAfter(pl.Callback):
-    """NaN into rank 1's first weight after optimizer step ``step``."""
+    """NaN into rank ``rank``'s first weight after optimizer step ``step``."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_rank == 1 and trainer.global_step == self.step:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
 
 
 def test_drop_leaves_the_bad_rank_out_of_the_fragment_and_resets_it():
-    """Rank 1's first weight is NaN after step 3, so all its weights are after step 4. Fragment 1 (all but the first
-    layer) sends after step 4 and arrives after step 5 (plain averaging, merge 1): its anchor is rank 0's step-4
-    weights alone, rank 0 takes it, and rank 1 restarts from every fragment's anchor (fragment 0's: the average that
-    arrived after step 3) with its optimizer state cleared."""
+    """Rank 1's first weight is NaN after step 3, so all its weights are after step 4. Fragment 1 (the last 65 of
+    the 129 values) sends after step 4 and arrives after step 5 (plain averaging, merge 1): its anchor is rank 0's
+    step-4 weights alone, rank 0 takes it, and rank 1 restarts from every fragment's anchor (fragment 0's: the
+    average that arrived after step 3) with its optimizer state cleared."""
     records = [RecordState(), RecordState()]
     models = [TinyModel(bn=False, momentum=0.9) for _ in range(2)]
 
@@ -238,7 +261,7 @@ def test_drop_leaves_the_bad_rank_out_of_the_fragment_and_resets_it():
 
     with pytest.warns(UserWarning, match="fragment 1 after local step 5"):
         r0, r1 = run_threaded(2, rank_fn)
-    first, rest = slice(0, 96), slice(96, None)  # Linear(6, 16).weight is fragment 0
+    first, rest = slice(0, 64), slice(64, None)
     assert not torch.isfinite(r1[3]).any()
     # the anchor is rank 0's alone, a − (a − x₀) (÷ 1 healthy rank, not 2), up to its rounding
     torch.testing.assert_close(r0[4, rest], r0[3, rest], atol=1e-7, rtol=0)
@@ -248,16 +271,17 @@ def test_drop_leaves_the_bad_rank_out_of_the_fragment_and_resets_it():
     assert records[1].sizes[4] == 0 and records[0].sizes[4] == 4
 
 
-def test_raise_stops_every_rank_when_the_fragment_arrives():
+@pytest.mark.parametrize("comm_dtype,bad_rank", [("float32", 1), ("int8", 0), ("bfloat16", 1)])
+def test_raise_stops_every_rank_when_the_fragment_arrives(comm_dtype, bad_rank):
     def rank_fn(rank: int):
-        strategy = LocalSGDStrategy(period=4, fragments=2, overlap_steps=1)
-        trainer(2, rank, strategy, 8, [PoisonAfter(1)]).fit(TinyModel(bn=False))
+        strategy = LocalSGDStrategy(period=4, fragments=2, overlap_steps=1, comm_dtype=comm_dtype)
+        trainer(2, rank, strategy, 8, [PoisonAfter(1, bad_rank)]).fit(TinyModel(bn=False))
 
     with pytest.raises(RankError) as info:
         run_threaded(2, rank_fn)
     errors = info.value.errors
     assert all(isinstance(e, NonFiniteError) for e in errors), errors
-    assert all("fragment 0 on rank(s) [1] (arriving after local step 3)" in str(e) for e in errors)
+    assert all(f"fragment 0 on rank(s) [{bad_rank}] (arriving after local step 3)" in str(e) for e in errors)
 
 
 def test_resume_with_a_fragment_in_flight_equals_the_uninterrupted_run(tmp_path):
@@ -288,8 +312,8 @@ def test_streamed_metrics_and_the_progress_bar_count():
     _fit(make, steps=10)
     stats = strategies[0].comm_stats
     assert stats["comm/syncs"] == 5  # fragment syncs after steps 2, 4, 6, 8, 10
-    # fragment 0 = 96 weights, fragment 1 = 33: bfloat16 payload + 2 flags each
-    assert stats["comm/peak_bytes_per_sync"] == 96 * 2 + 8
-    assert stats["comm/bytes"] == 3 * (96 * 2 + 8) + 2 * (33 * 2 + 8)
+    # fragment 0 = 64 values (3 syncs), fragment 1 = 65 (2 syncs): bfloat16 payload + 2 float32 flags each
+    assert stats["comm/peak_bytes_per_sync"] == 65 * 2 + 8
+    assert stats["comm/bytes"] == 3 * (64 * 2 + 8) + 2 * (65 * 2 + 8)
     assert stats["comm/overlap_wait_seconds"] >= 0
     assert strategies[0].steps_to_next_sync == 2

@@ -18,7 +18,7 @@ def runs(tmp_path_factory):
 
 
 def test_float32_stream_on_gloo_follows_the_reference(runs):
-    ref = streaming_diloco(4, 12, [[0], [1, 2, 3]], [2, 4], 1, 0.6, "sgd", 0.7, 0.6, True)
+    ref = streaming_diloco(4, 12, [(0, 64), (64, 129)], [2, 4], 1, 0.6, "sgd", 0.7, 0.6, True)
     for rank in (0, 1):
         torch.testing.assert_close(runs[rank]["fp32"]["params"].double(), ref[rank], atol=3e-6, rtol=1e-5)
 
@@ -29,7 +29,7 @@ def test_int8_stream_on_gloo_ends_on_one_consensus_close_to_float32(runs):
     torch.testing.assert_close(runs[0]["int8"]["final"], runs[0]["fp32"]["final"], atol=2e-2, rtol=0)
     assert not torch.equal(runs[0]["int8"]["final"], runs[0]["fp32"]["final"])
     fp32, int8 = runs[0]["fp32"]["comm"], runs[0]["int8"]["comm"]
-    # 6 fragment syncs: fragment 0 = 96 values, fragment 1 = 33; int8 adds one block scale; 2 flags each
-    assert fp32["comm/bytes"] == 3 * (96 * 4 + 8) + 3 * (33 * 4 + 8)
-    assert int8["comm/bytes"] == 3 * (96 + 12) + 3 * (33 + 12)
-    assert int8["comm/peak_bytes_per_sync"] == 96 + 12
+    # 6 fragment syncs: fragment 0 = 64 values, fragment 1 = 65; int8 adds one block scale; 2 flags each
+    assert fp32["comm/bytes"] == 3 * (64 * 4 + 8) + 3 * (65 * 4 + 8)
+    assert int8["comm/bytes"] == 3 * (64 + 12) + 3 * (65 + 12)
+    assert int8["comm/peak_bytes_per_sync"] == 65 + 12

@@ -2,14 +2,18 @@
 staggered steps, each fragment's outer gradient averaged while training goes on, then merged. Pure torch; the
 strategy (:class:`~lightning_opt.strategies.local_sgd.LocalSGDStrategy`) calls it after every local step.
 
-* **Fragments** (§2.2): the parameters, in module order, are cut into ``P`` contiguous blocks of about equal bytes
-  (:func:`partition`). Fragment p syncs after local steps :math:`o_p + k\\tau` (:func:`offsets`,
-  :math:`o_p = \\tau - (P-1-p)\\lfloor\\tau/P\\rfloor`: the last fragment on the period's end, the others evenly
-  before it), so one sync moves about 1/P of the model.
+* **Fragments** (§2.2): the parameters, in module order and flattened end to end, are cut into ``P`` contiguous
+  ranges of equal bytes (:func:`partition`; a layer larger than 1/P of the model is shared between fragments, so one
+  sync moves 1/P of the model even when a few layers hold most of it). Fragment p syncs after local steps
+  :math:`o_p + k\\tau` (:func:`offsets`, :math:`o_p = \\tau - (P-1-p)\\lfloor\\tau/P\\rfloor`: the last fragment on
+  the period's end, the others evenly before it). The paper's fragments are whole layers (sequential or strided);
+  equal-byte ranges keep every sync at 1/P of the model where the layers differ in size.
 * **Overlap** (§2.3): at fragment p's sync its outer gradient :math:`\\Delta_p = a_p - x_p` (anchor minus local
   weights) leaves with ``async_op=True``; ``overlap_steps`` (d) local steps later the mean :math:`\\bar\\Delta_p`
   is applied: the outer optimizer steps the anchor, :math:`a_p \\leftarrow \\mathrm{OuterOpt}(a_p, \\bar\\Delta_p)`,
   and the local weights merge, :math:`x_p \\leftarrow (1-m)\\,x_p + m\\,a_p` (``merge_mix`` m; m = 1 replaces them).
+  The paper writes the merge with α weighting the local weights (α = 1 − m) and runs its experiments at α = 0.5;
+  torchft's ``fragment_update_alpha`` is the same α, default 0 (m = 1, our default).
 * **Low precision** (§2.4): see :mod:`lightning_opt.distributed.outer_reduce`.
 
 The consensus (evaluation, checkpoints' weights, ``fit``'s result) is the anchors: the global weights after the
@@ -33,20 +37,43 @@ from lightning_opt.distributed.outer_reduce import Arrived, InFlight
 OuterFactory = Callable[[list[Tensor]], Optimizer]
 
 
-def partition(sizes: list[int], fragments: int) -> list[list[int]]:
-    """Indices of ``sizes`` (bytes per parameter, in module order) cut into ``fragments`` contiguous non-empty
-    blocks; block p ends at the first parameter whose running total reaches (p + 1)/P of the whole."""
-    if not 1 <= fragments <= len(sizes):
-        raise ValueError(f"invalid fragments={fragments}; expected 1 ≤ fragments ≤ {len(sizes)} (the parameters)")
-    total, cuts, running = sum(sizes), [], 0
-    for i, size in enumerate(sizes):
-        running += size
-        left = len(sizes) - i - 1  # parameters after this one
-        wanted = fragments - 1 - len(cuts)  # cuts still to make
-        if wanted and (running * fragments >= total * (len(cuts) + 1) or left == wanted):
-            cuts.append(i + 1)
-    bounds = [0, *cuts, len(sizes)]
-    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+Slice = tuple[int, int, int]  # (parameter index, first element, end element) of the parameter flattened
+
+
+def partition(numels: list[int], sizes: list[int], fragments: int, atomic: frozenset[int] = frozenset()
+              ) -> list[list[Slice]]:
+    """The parameters (``numels`` elements of ``sizes`` bytes each, in module order) flattened end to end and cut
+    into ``fragments`` contiguous non-empty ranges of about equal bytes: cut p falls at p/P of the bytes, inside a
+    parameter if need be (a layer larger than 1/P of the model is shared by two fragments), except inside a parameter
+    in ``atomic`` (one whose memory is not one contiguous run: the cut moves to its end)."""
+    total_elems = sum(numels)
+    if not 1 <= fragments <= total_elems:
+        raise ValueError(f"invalid fragments={fragments}; expected 1 ≤ fragments ≤ {total_elems} (parameter "
+                         "elements)")
+    elem_start, byte_start = [0], [0]
+    for n, e in zip(numels, sizes):
+        elem_start.append(elem_start[-1] + n)
+        byte_start.append(byte_start[-1] + n * e)
+    cuts: list[int] = []
+    for p in range(1, fragments):
+        target = byte_start[-1] * p // fragments
+        i = next(i for i in range(len(numels)) if byte_start[i + 1] > target)
+        cut = elem_start[i + 1] if i in atomic else elem_start[i] + (target - byte_start[i]) // sizes[i]
+        cuts.append(min(max(cut, (cuts[-1] if cuts else 0) + 1), total_elems - (fragments - p)))
+    bounds = [0, *cuts, total_elems]
+    return [[(i, max(a, elem_start[i]) - elem_start[i], min(b, elem_start[i + 1]) - elem_start[i])
+             for i in range(len(numels)) if elem_start[i] < b and elem_start[i + 1] > a]
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def views(tensors: list[Tensor], fragment: list[Slice]) -> list[Tensor]:
+    """The fragment's pieces of ``tensors``: each whole tensor, or a view of a slice of its flattened elements;
+    writing into a piece writes the tensor."""
+    out = []
+    for i, lo, hi in fragment:
+        t = tensors[i].detach()
+        out.append(t if (lo, hi) == (0, t.numel()) else t.view(-1)[lo:hi])
+    return out
 
 
 def offsets(period: int, fragments: int) -> list[int]:
@@ -63,8 +90,8 @@ class FragmentStream:
         self.period, self.fragments, self.overlap = period, fragments, overlap_steps
         self.mix, self.comm_dtype, self.outer, self.meter = merge_mix, comm_dtype, outer, meter
         self.on_dropped = on_dropped  # (fragment, local step): this rank was left out and reset to the consensus
-        self.parts: list[list[int]] | None = None
-        self._opts: dict[int, Optimizer] = {}
+        self.parts: list[list[Slice]] | None = None
+        self._opts: dict[int, tuple[tuple[int, ...], Optimizer, list[Tensor]]] = {}  # per fragment: anchors' ids
         self._saved_opts: dict[int, Any] = {}  # restored outer-optimizer states, loaded when the optimizer is built
         self.flying: dict[int, tuple[int, InFlight | Arrived]] = {}  # fragment -> (local step to apply at, data)
 
@@ -82,17 +109,18 @@ class FragmentStream:
         """After local step ``local_step``: apply what is due, then launch the fragments whose sync this is.
         Returns the fragments launched."""
         if self.parts is None:
-            self.parts = partition([p.numel() * p.element_size() for p in params], self.fragments)
+            atomic = frozenset(i for i, p in enumerate(params) if not p.is_contiguous())
+            self.parts = partition([p.numel() for p in params], [p.element_size() for p in params], self.fragments,
+                                   atomic)
         for p in sorted(f for f, (at, _) in self.flying.items() if at == local_step):
             start = time.perf_counter()
             self._apply(p, params, anchors, policy, local_step)
             self.meter.sync_seconds += time.perf_counter() - start
         launched = self.due(local_step)
         for p in launched:
-            idx = self.parts[p]
             with self.meter.sync():  # one sync per fragment: its bytes are the peak's candidate
-                delta = torch.sub(flatten([anchors[i] for i in idx], torch.float32),
-                                  flatten([params[i] for i in idx], torch.float32))
+                delta = torch.sub(flatten(views(anchors, self.parts[p]), torch.float32),
+                                  flatten(views(params, self.parts[p]), torch.float32))
                 self.flying[p] = (local_step + self.overlap, InFlight(delta, self.comm_dtype, self.meter))
                 if self.overlap == 0:
                     self._apply(p, params, anchors, policy, local_step)
@@ -107,9 +135,8 @@ class FragmentStream:
     def _arrive(self, p: int, policy: str, at: int) -> Arrived:
         _, data = self.flying[p]
         if isinstance(data, InFlight):
-            start = time.perf_counter()
-            data = data.wait()
-            self.meter.overlap_wait_seconds += time.perf_counter() - start
+            flight, data = data, data.wait()
+            self.meter.overlap_wait_seconds += flight.waited  # the blocked time only, not the decoding
         if data.bad and (policy == "raise" or len(data.bad) == data.world):
             raise NonFiniteError(
                 f"non-finite outer gradient of fragment {p} on rank(s) {data.bad} (arriving after local step {at}); "
@@ -128,28 +155,32 @@ class FragmentStream:
             self.on_dropped(p, at)
             return
         with torch.no_grad():
-            for i in self.parts[p]:
-                x, a = params[i], anchors[i].to(params[i].dtype)
+            for x, a in zip(views(params, self.parts[p]), views(anchors, self.parts[p])):
+                a = a.to(x.dtype)
                 x.copy_(a) if self.mix == 1.0 else x.lerp_(a, self.mix)
 
     @torch.no_grad()
     def _outer_step(self, p: int, anchors: list[Tensor], arrived: Arrived) -> None:
-        frag = [anchors[i] for i in self.parts[p]]  # type: ignore[index]
+        opt, frag = self._optimizer(p, anchors)
         grads = [torch.empty_like(a) for a in frag]
         unflatten_into(arrived.mean(), grads)
         for a, g in zip(frag, grads):
             a.grad = g
-        self._optimizer(p, frag).step()
+        opt.step()
         for a in frag:
             a.grad = None
 
-    def _optimizer(self, p: int, frag: list[Tensor]) -> Optimizer:
-        opt = self._opts.get(p)
-        if opt is None or opt.param_groups[0]["params"][0] is not frag[0]:
-            opt = self._opts[p] = self.outer(frag)
+    def _optimizer(self, p: int, anchors: list[Tensor]) -> tuple[Optimizer, list[Tensor]]:
+        """Fragment p's outer optimizer and the anchor pieces it steps (built again when the anchors were replaced,
+        e.g. by a restore, with the restored state)."""
+        key = tuple(id(anchors[i]) for i, _, _ in self.parts[p])  # type: ignore[index]
+        if p not in self._opts or self._opts[p][0] != key:
+            frag = views(anchors, self.parts[p])  # type: ignore[index]
+            opt = self.outer(frag)
             if p in self._saved_opts:
                 opt.load_state_dict(self._saved_opts.pop(p))
-        return opt
+            self._opts[p] = (key, opt, frag)
+        return self._opts[p][1], self._opts[p][2]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -160,14 +191,14 @@ class FragmentStream:
             arrived = data.wait() if isinstance(data, InFlight) else data
             self.flying[p] = (at, arrived)
             flying[p] = {"at": at, "total": arrived.total, "bad": arrived.bad, "world": arrived.world}
-        opts = {p: opt.state_dict() for p, opt in self._opts.items()}
+        opts = {p: opt.state_dict() for p, (_, opt, _) in self._opts.items()}
         return {"outer": {**self._saved_opts, **opts}, "flying": flying, "parts": self.parts}
 
     def load_state_dict(self, state: dict[str, Any], rank: int, world: int) -> None:
         """Restore. An outer gradient saved in flight is applied at its step as saved; this rank is reset as a
         dropped rank only if it is the same rank of the same world size."""
         self._opts, self._saved_opts = {}, dict(state["outer"])
-        self.parts = state["parts"]
+        self.parts = [[tuple(piece) for piece in part] for part in state["parts"]] if state["parts"] else None
         self.flying = {}
         for p, f in state["flying"].items():
             bad, saved_world = [int(r) for r in f["bad"]], int(f["world"])

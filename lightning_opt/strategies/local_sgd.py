@@ -55,7 +55,9 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
             state checkpointed. Not together with the shorthand.
         fragments: P ≥ 1 fragments, at most ``period``.
         overlap_steps: d in [0, period): local steps between a fragment's send and its merge.
-        merge_mix: m in (0, 1]: the weight of the global weights in the merge (1 replaces the local weights).
+        merge_mix: m in (0, 1]: the weight of the global weights in the merge. 1 (the default, torchft's
+            ``fragment_update_alpha=0``) replaces the local weights; the paper's α weights the *local* weights and
+            its experiments use α = 0.5, i.e. ``merge_mix=0.5``.
         comm_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"`` (per-block scale).
         **kwargs: ``warmup_steps``, ``average_buffers``, ``nonfinite`` (``"drop"``: a rank with non-finite
             parameters at a sync is left out of the average and reset to the consensus), ``bucket_cap_mb``,
@@ -96,8 +98,8 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
 
     @property
     def streams(self) -> bool:
-        """Whether syncs take the streamed path (fragments, overlap, low precision or an outer optimizer)."""
-        return (self.fragments > 1 or self.overlap_steps > 0 or self.comm_dtype != "float32"
+        """Whether syncs take the streamed path (fragments, overlap, a merge, low precision or an outer optimizer)."""
+        return (self.fragments > 1 or self.overlap_steps > 0 or self.merge_mix != 1.0 or self.comm_dtype != "float32"
                 or self.outer_optimizer is not None)
 
     @property
@@ -114,8 +116,8 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     def _params_changed(self, idx: int, old: list[Tensor], new: list[Tensor]) -> None:
         if self.streams and idx in self._anchor:
             raise ValueError("LocalSGDStrategy: the optimizer's parameters changed mid-fit; the streamed path "
-                             "(fragments, overlap_steps, comm_dtype, outer_optimizer) keeps fixed fragments and does "
-                             "not support that. Use fragments=1 with the outer_lr/outer_momentum shorthand.")
+                             "(fragments, overlap_steps, merge_mix, comm_dtype, outer_optimizer) keeps fixed fragments "
+                             "and does not support that. Use fragments=1 with the outer_lr/outer_momentum shorthand.")
         # A parameter that joins mid-fit starts its outer step from where it joins, with no momentum.
         if idx in self._anchor:
             self._anchor[idx] = realign(self._anchor[idx], old, new, accumulation_copy)
