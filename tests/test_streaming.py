@@ -317,3 +317,54 @@ def test_streamed_metrics_and_the_progress_bar_count():
     assert stats["comm/bytes"] == 3 * (64 * 2 + 8) + 2 * (65 * 2 + 8)
     assert stats["comm/overlap_wait_seconds"] >= 0
     assert strategies[0].steps_to_next_sync == 2
+
+
+def _stream(**kw) -> FragmentStream:
+    from lightning_opt.distributed import CommMeter
+
+    args = dict(period=4, fragments=2, overlap_steps=1, merge_mix=0.6, comm_dtype="float32",
+                outer=functools.partial(torch.optim.SGD, lr=0.7, momentum=0.6), meter=CommMeter(),
+                on_dropped=lambda p, at: None)
+    return FragmentStream(**{**args, **kw})
+
+
+def _train(params: list[torch.Tensor], step: int) -> None:
+    for i, p in enumerate(params):  # a deterministic stand-in for an inner step
+        p.sub_(0.01 * (step + i) * torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape).cos())
+
+
+def test_a_restored_stream_applies_the_saved_gradient_at_its_step():
+    """Saved after step 2 with fragment 0 in flight (saved twice: the second save sees it arrived), restored into
+    fresh anchors: steps 3–9 give the same weights, anchors and outer momentum as the stream that went on."""
+    import copy
+
+    params, anchors = [torch.linspace(-1, 1, 6), torch.linspace(0, 2, 5)], []
+    anchors = [p.clone() for p in params]
+    a = _stream()
+    for step in (1, 2):
+        _train(params, step)
+        a.step(step, params, anchors, "raise")
+    assert list(a.flying) == [0]
+    a.state_dict()
+    state = copy.deepcopy(a.state_dict())
+    params_b, anchors_b = [p.clone() for p in params], [x.clone() for x in anchors]
+    b = _stream()
+    b.load_state_dict(state, rank=0, world=1)
+    for step in range(3, 10):
+        for ps, ans, stream in ((params, anchors, a), (params_b, anchors_b, b)):
+            _train(ps, step)
+            stream.step(step, ps, ans, "raise")
+    for x, y in zip(params + anchors, params_b + anchors_b):
+        assert torch.equal(x, y)
+    assert torch.equal(a.state_dict()["outer"][1]["state"][0]["momentum_buffer"],
+                       b.state_dict()["outer"][1]["state"][0]["momentum_buffer"])
+
+
+def test_a_restored_bad_rank_is_reset_only_as_the_same_rank_of_the_same_world():
+    state = {"outer": {}, "parts": [[(0, 0, 3)]], "flying": {0: {"at": 5, "total": torch.zeros(3), "bad": [1],
+                                                                   "world": 2}}}
+    for rank, world, reset in ((1, 2, True), (0, 2, False), (1, 3, False)):
+        stream = _stream(fragments=1)
+        stream.load_state_dict(state, rank=rank, world=world)
+        assert stream.flying[0][1].local_bad is reset and stream.flying[0][0] == 5
+        assert stream.parts == [[(0, 0, 3)]]
