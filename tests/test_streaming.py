@@ -43,6 +43,10 @@ def test_partition_cuts_equal_bytes_inside_a_layer_where_needed():
     assert partition(NUMELS, FP32, 2, atomic=frozenset({0})) == [[(0, 0, 96)], [(1, 0, 16), (2, 0, 16), (3, 0, 1)]]
     with pytest.raises(ValueError, match="fragments"):
         partition([2, 1], FP32[:2], 4)
+    # cuts that would fall on one element are spread so that no fragment is empty, from either end
+    assert partition([1, 1, 1, 1], [8, 1, 1, 1], 4) == [[(0, 0, 1)], [(1, 0, 1)], [(2, 0, 1)], [(3, 0, 1)]]
+    assert partition([1, 1, 1, 1], [1, 1, 1, 8], 4) == [[(0, 0, 1)], [(1, 0, 1)], [(2, 0, 1)], [(3, 0, 1)]]
+    assert partition([3, 1], [8, 1], 3) == [[(0, 0, 1)], [(0, 1, 2)], [(0, 2, 3), (1, 0, 1)]]
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -91,7 +91,7 @@ class FragmentStream:
         self.mix, self.comm_dtype, self.outer, self.meter = merge_mix, comm_dtype, outer, meter
         self.on_dropped = on_dropped  # (fragment, local step): this rank was left out and reset to the consensus
         self.parts: list[list[Slice]] | None = None
-        self._opts: dict[int, tuple[tuple[int, ...], Optimizer, list[Tensor]]] = {}  # per fragment: anchors' ids
+        self._opts: dict[int, tuple[Optimizer, list[Tensor]]] = {}  # per fragment: its optimizer, the anchor pieces
         self._saved_opts: dict[int, Any] = {}  # restored outer-optimizer states, loaded when the optimizer is built
         self.flying: dict[int, tuple[int, InFlight | Arrived]] = {}  # fragment -> (local step to apply at, data)
 
@@ -171,16 +171,16 @@ class FragmentStream:
             a.grad = None
 
     def _optimizer(self, p: int, anchors: list[Tensor]) -> tuple[Optimizer, list[Tensor]]:
-        """Fragment p's outer optimizer and the anchor pieces it steps (built again when the anchors were replaced,
-        e.g. by a restore, with the restored state)."""
-        key = tuple(id(anchors[i]) for i, _, _ in self.parts[p])  # type: ignore[index]
-        if p not in self._opts or self._opts[p][0] != key:
+        """Fragment p's outer optimizer and the anchor pieces it steps, built at its first outer step (with the
+        restored state after a restore, which starts a new stream on the restored anchors). The anchors are never
+        replaced otherwise: a change of the optimizer's parameters is refused by the strategy."""
+        if p not in self._opts:
             frag = views(anchors, self.parts[p])  # type: ignore[index]
             opt = self.outer(frag)
             if p in self._saved_opts:
                 opt.load_state_dict(self._saved_opts.pop(p))
-            self._opts[p] = (key, opt, frag)
-        return self._opts[p][1], self._opts[p][2]
+            self._opts[p] = (opt, frag)
+        return self._opts[p]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -191,7 +191,7 @@ class FragmentStream:
             arrived = data.wait() if isinstance(data, InFlight) else data
             self.flying[p] = (at, arrived)
             flying[p] = {"at": at, "total": arrived.total, "bad": arrived.bad, "world": arrived.world}
-        opts = {p: opt.state_dict() for p, (_, opt, _) in self._opts.items()}
+        opts = {p: opt.state_dict() for p, (opt, _) in self._opts.items()}
         return {"outer": {**self._saved_opts, **opts}, "flying": flying, "parts": self.parts}
 
     def load_state_dict(self, state: dict[str, Any], rank: int, world: int) -> None:
