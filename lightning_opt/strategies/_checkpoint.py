@@ -123,7 +123,10 @@ def saved_run(checkpoint: dict[str, Any], path: Any, param_names: set[str], stra
     run = SavedRun(saved["world_size"], saved["strategy"], saved["ranks"])
     name = saved.get("strategy_name", strategy_name)
     if name != strategy_name:
-        dropped = ", ".join(sorted((run.strategy or {}).get("extra") or {})) or "none"
+        extra = (run.strategy or {}).get("extra") or {}
+        # state the saving run never used (e.g. Local SGD's streamed state without streaming) is not worth naming
+        used = [k for k, v in extra.items() if not (isinstance(v, (dict, list)) and not v)]
+        dropped = ", ".join(sorted(used)) or "none"
         warnings.warn(f"{path} was written under {saved.get('strategy_repr', name)}; resuming under {strategy_repr}: "
                       f"its strategy state is dropped (sync counters, schedule, extra state: {dropped}) and the "
                       "schedule starts afresh; every rank's weights and optimizer state are reused", stacklevel=3)
