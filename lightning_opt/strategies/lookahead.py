@@ -46,7 +46,7 @@ class LookaheadStrategy(LocalSGDStrategy):
     fast weights. Exact resume covers slow weights, counters and inner optimizer state.
 
     ``mode="local"`` also streams like Local SGD (``fragments``, ``overlap_steps``, ``merge_mix``, ``comm_dtype``:
-    see :class:`LocalSGDStrategy`), with outer lr α and no momentum.
+    see :class:`LocalSGDStrategy`; Streaming DiLoCo, Douillard et al. 2025), with outer lr α and no momentum.
 
     Other arguments (``warmup_steps``, ``average_buffers``, ``nonfinite``, ``bucket_cap_mb``, ``timeout``,
     ``start_method``, Lightning's ``DDPStrategy`` arguments): see
@@ -76,10 +76,11 @@ class LookaheadStrategy(LocalSGDStrategy):
         super().__init__(period=period, outer_lr=alpha, **kwargs)
         self.average_gradients_every_step = self.mode == "sync"
         if self.streams and self.mode != "local":
-            raise invalid("mode", mode, "'local' with fragments, overlap_steps or comm_dtype (mode 'sync' sends "
-                          "gradients every step, not outer gradients)")
+            raise invalid("mode", mode, "'local' with fragments, overlap_steps, merge_mix or comm_dtype (mode 'sync' "
+                          "sends gradients every step, not outer gradients)")
         if self.streams and self.pullback_momentum != "none":
-            raise invalid("pullback_momentum", pullback_momentum, "'none' with fragments, overlap_steps or comm_dtype")
+            raise invalid("pullback_momentum", pullback_momentum,
+                          "'none' with fragments, overlap_steps, merge_mix or comm_dtype")
 
     @property
     def uses_outer(self) -> bool:
