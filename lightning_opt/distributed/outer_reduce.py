@@ -65,13 +65,6 @@ def _blocks(flat: Tensor) -> Tensor:
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, QUANT_BLOCK)
 
 
-def wire_bytes(numel: int, comm_dtype: str, world: int) -> int:
-    """Bytes one rank sends for an outer gradient of ``numel`` values (see the module docstring)."""
-    per_value = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}[comm_dtype]
-    blocks = -(-numel // QUANT_BLOCK) if comm_dtype in _LEVELS else 0
-    return numel * per_value + 4 * (blocks + world)
-
-
 @dataclass
 class Arrived:
     """An averaged outer gradient (identical on every rank, except ``local_bad``)."""

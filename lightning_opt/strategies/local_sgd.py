@@ -217,10 +217,13 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         step = self.clock.steps.get(0, 0)
         return "warmup" if step < self.warmup_steps else self._streams[0].steps_to_next(step - self.warmup_steps)
 
+    def _stream_repr(self) -> str:
+        """The streamed path's settings for ``__repr__`` (empty on the classic path)."""
+        return (f", fragments={self.fragments}, overlap_steps={self.overlap_steps}, merge_mix={self.merge_mix}, "
+                f"comm_dtype={self.comm_dtype!r}" if self.streams else "")
+
     def __repr__(self) -> str:
-        stream = (f", outer_optimizer={self.outer_optimizer!r}, fragments={self.fragments}, "
-                  f"overlap_steps={self.overlap_steps}, merge_mix={self.merge_mix}, comm_dtype={self.comm_dtype!r}"
-                  if self.streams else "")
+        stream = (f", outer_optimizer={self.outer_optimizer!r}" if self.streams else "") + self._stream_repr()
         return (f"LocalSGDStrategy(period={self.schedule!r}, warmup_steps={self.warmup_steps}, "
                 f"outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}, "
                 f"outer_nesterov={self.outer_nesterov}{stream})")

@@ -147,7 +147,5 @@ class LookaheadStrategy(LocalSGDStrategy):
                 slow_m.copy_(m)
 
     def __repr__(self) -> str:
-        stream = (f", fragments={self.fragments}, overlap_steps={self.overlap_steps}, merge_mix={self.merge_mix}, "
-                  f"comm_dtype={self.comm_dtype!r}" if self.streams else "")
         return (f"LookaheadStrategy(period={self.schedule!r}, alpha={self.alpha}, mode={self.mode!r}, "
-                f"pullback_momentum={self.pullback_momentum!r}{stream})")
+                f"pullback_momentum={self.pullback_momentum!r}{self._stream_repr()})")
