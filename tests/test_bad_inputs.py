@@ -65,6 +65,7 @@ _STRATEGY_COMMON = [
     ({"warmup_steps": -1}, "warmup_steps"), ({"warmup_steps": 1.5}, "warmup_steps"),
     ({"nonfinite": "ignore"}, "nonfinite"), ({"nonfinite": None}, "nonfinite"),
     ({"bucket_cap_mb": 0}, "bucket_cap_mb"), ({"bucket_cap_mb": NAN}, "bucket_cap_mb"),
+    ({"bucket_cap_mb": 2e6}, "bucket_cap_mb", "bucket_cap_mb in (0, 1e+06]"),
     ({"timeout": 0}, "timeout"), ({"timeout": -5.0}, "timeout"), ({"timeout": NAN}, "timeout"),
     ({"timeout": "60"}, "timeout"), ({"start_method": "thread"}, "start_method"),
 ]
@@ -83,15 +84,24 @@ TABLE: dict[str, list[tuple]] = {
         ({"outer_lr": 0.0}, "outer_lr"), ({"outer_lr": -1.0}, "outer_lr"), ({"outer_lr": NAN}, "outer_lr"),
         ({"outer_lr": INF}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
         ({"outer_momentum": -0.1}, "outer_momentum"), ({"outer_nesterov": "yes"}, "outer_nesterov"),
-        ({"outer_nesterov": True}, "outer_nesterov"),  # Nesterov without momentum
+        ({"outer_nesterov": True}, "outer_nesterov",  # Nesterov without momentum
+         "False with outer_momentum=0 (Nesterov needs momentum in (0, 1))"),
+        ({"outer_lr": 100.5}, "outer_lr", "outer_lr in (0, 100]"),
         ({"fragments": 0}, "fragments"), ({"fragments": 2.0}, "fragments"),
         ({"period": 4, "fragments": 5}, "fragments", "[1, period=4]"),
-        ({"overlap_steps": -1}, "overlap_steps"), ({"period": 4, "overlap_steps": 4}, "overlap_steps", "[0, period=4)"),
+        ({"overlap_steps": -1}, "overlap_steps"),
+        ({"period": 4, "overlap_steps": 4}, "overlap_steps",
+         "an int in [0, period=4) (a fragment's outer gradient must arrive before its next sync)"),
         ({"merge_mix": 0.0}, "merge_mix"), ({"merge_mix": 1.5}, "merge_mix"), ({"merge_mix": NAN}, "merge_mix"),
         ({"comm_dtype": "fp8"}, "comm_dtype"), ({"comm_dtype": torch.int8}, "comm_dtype"),
-        ({"outer_optimizer": "sgd"}, "outer_optimizer", "a callable"),
-        ({"outer_optimizer": torch.optim.SGD, "outer_lr": 0.7}, "outer_optimizer", "the SGD shorthand"),
-        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "fragments": 2}, "period", "an int with"),
+        ({"outer_optimizer": "sgd"}, "outer_optimizer", "None or a callable taking the anchors and returning a torch "
+         "Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True))"),
+        ({"outer_optimizer": torch.optim.SGD, "outer_lr": 0.7}, "outer_optimizer",
+         "None when outer_lr/outer_momentum/outer_nesterov are set (they are the SGD shorthand for it)"),
+        ({"outer_optimizer": torch.optim.SGD, "outer_momentum": 0.5}, "outer_optimizer", "the SGD shorthand"),
+        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "fragments": 2}, "period",
+         "an int with fragments > 1, overlap_steps > 0, comm_dtype other than 'float32' or an outer_optimizer (a "
+         "schedule would move the fragments' sync steps)"),
     ],
     "LSGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
         ({"pull": 0.0}, "pull"), ({"pull": 1.5}, "pull"), ({"pull": NAN}, "pull"),
@@ -102,13 +112,15 @@ TABLE: dict[str, list[tuple]] = {
         ({"period": 2, "global_period": 0}, "global_period"),
         ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "global_period": 16}, "global_period",
          ("needs a fixed integer `period`", "ConstantHorizon(")),
-        ({"eval_weights": "best"}, "eval_weights"),
+        ({"eval_weights": "best"}, "eval_weights"), ({"score_key": 3}, "score_key", "a non-empty metric name"),
     ],
     "LookaheadStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
         ({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha"), ({"alpha": NAN}, "alpha"),
         ({"mode": "async"}, "mode"), ({"pullback_momentum": "keep"}, "pullback_momentum"),
-        ({"mode": "sync", "fragments": 2}, "mode", "'local' with fragments"),
-        ({"mode": "local", "comm_dtype": "int8", "pullback_momentum": "reset"}, "pullback_momentum", "'none' with"),
+        ({"mode": "sync", "fragments": 2}, "mode", "'local' with fragments, overlap_steps, merge_mix or comm_dtype "
+         "(mode 'sync' sends gradients every step, not outer gradients)"),
+        ({"mode": "local", "comm_dtype": "int8", "pullback_momentum": "reset"}, "pullback_momentum",
+         "'none' with fragments, overlap_steps, merge_mix or comm_dtype"),
         ({"mode": "local", "outer_optimizer": torch.optim.SGD}, "outer_optimizer", "the outer step is alpha"),
     ],
     "EASGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
@@ -341,6 +353,46 @@ def test_invalid_value_raises_value_error_naming_the_argument(name, kwargs, arg,
     assert "; expected " in message, f"{name}({kwargs}) -> {message} does not say what is accepted"
     for text in () if states is None else (states,) if isinstance(states, str) else states:
         assert text in message, f"{name}({kwargs}) -> {message} does not state {text!r}"
+
+
+# The accepted side of the boundaries the rows above reject just past (a range check off by one either way fails
+# one of the two), and every accepted choice of the choice arguments.
+EDGES = [
+    ("LocalSGDStrategy", {"outer_lr": 100.0}), ("LocalSGDStrategy", {"period": 4, "fragments": 4}),
+    ("LocalSGDStrategy", {"period": 4, "overlap_steps": 3}), ("LocalSGDStrategy", {"bucket_cap_mb": 1e6}),
+    ("LocalSGDStrategy", {"bucket_cap_mb": 0.5}),
+    *[("LocalSGDStrategy", {"start_method": m}) for m in ("popen", "spawn", "fork", "forkserver")],
+    *[("LSGDStrategy", {"eval_weights": m}) for m in ("center", "leader", "local")],
+    ("LSGDStrategy", {"leader_window": 1}), ("LSGDStrategy", {"group_size": 1}),
+    ("LSGDStrategy", {"period": 1, "global_period": 1}),
+    ("LookaheadStrategy", {"alpha": 1.0}), ("LookaheadStrategy", {"mode": "local", "period": 4, "fragments": 4}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", EDGES, ids=[f"{n}-{sorted(k.items())}" for n, k in EDGES])
+def test_boundary_values_are_accepted(name, kwargs):
+    made = _make(name, **kwargs)
+    stored = {"period": lambda: made.schedule.period, "start_method": lambda: made._start_method}
+    for arg, value in kwargs.items():
+        assert stored.get(arg, lambda a=arg: getattr(made, a))() == value
+
+
+def test_lightning_arguments_reach_ddp_strategy_and_the_defaults():
+    """The plumbing arguments ``UNCHECKED`` leaves to Lightning arrive where ``DDPStrategy`` keeps them."""
+    from datetime import timedelta
+
+    from scripts._common import pl
+    from threaded import ThreadRank
+
+    given = {"accelerator": pl.accelerators.CPUAccelerator(), "parallel_devices": [torch.device("cpu")] * 2,
+             "cluster_environment": ThreadRank(0, 2), "checkpoint_io": pl.plugins.TorchCheckpointIO(),
+             "precision_plugin": pl.plugins.DoublePrecision()}
+    made = PUBLIC["LocalSGDStrategy"](process_group_backend="gloo", start_method="spawn", timeout=30, **given)
+    for arg, value in given.items():
+        assert getattr(made, arg) is value, arg
+    assert (made._process_group_backend, made._start_method, made._timeout) == ("gloo", "spawn", timedelta(seconds=30))
+    default = PUBLIC["LocalSGDStrategy"]()
+    assert (default.bucket_cap_mb, default._timeout, default._start_method) == (25.0, timedelta(seconds=600), "popen")
 
 
 @pytest.mark.parametrize("name", [n for n, c in PUBLIC.items() if issubclass(c, torch.optim.Optimizer)])

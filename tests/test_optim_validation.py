@@ -115,6 +115,7 @@ def test_overflowing_norm_counts_as_nonfinite():
     assert torch.equal(p.detach(), torch.zeros(2))
 
 
+@pytest.mark.warning_location
 def test_nonfinite_warning_points_at_the_caller():
     for cls, kwargs in ALL:
         p = torch.nn.Parameter(torch.zeros(2))

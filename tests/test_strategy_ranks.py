@@ -237,7 +237,10 @@ def test_easgd_three_workers_elastic_step():
         pre = [s.pre[k].double() for s, _, _ in runs]
         for r, (s, _, _) in enumerate(runs):
             torch.testing.assert_close(s.post[k].double(), pre[r] - alpha * (pre[r] - center), atol=1e-6, rtol=0)
-        center = center + alpha * sum(x - center for x in pre)
+        move = alpha * sum(x - center for x in pre)
+        center = center + move
+    for strategy, _, _ in runs:  # what it reports: the norm of the last centre step α Σ_i (x_i − x̃)
+        assert strategy.last_center_step_norm == pytest.approx(float(move.norm()), rel=1e-5)
     for _, model, _ in runs:
         torch.testing.assert_close(flat_params(model).double(), center, atol=1e-6, rtol=0)  # fit hands back x̃
 

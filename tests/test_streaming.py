@@ -205,6 +205,11 @@ def test_defaults_take_the_classic_path_bit_for_bit():
     a = _fit(lambda: LocalSGDStrategy(period=3, fragments=1, overlap_steps=0, comm_dtype="float32"))
     b = _fit(lambda: LocalSGDStrategy(period=3))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    classic = "LocalSGDStrategy(period=ConstantPeriod(3), warmup_steps=0, outer_lr=1.0, outer_momentum=0.0, " \
+              "outer_nesterov=False"
+    assert repr(explicit) == classic + ")"  # the streamed settings are named only where they stream
+    assert repr(LocalSGDStrategy(period=3, fragments=2, merge_mix=0.6, comm_dtype="int8")) == (
+        classic + ", outer_optimizer=None, fragments=2, overlap_steps=0, merge_mix=0.6, comm_dtype='int8')")
 
 
 def test_a_torch_outer_optimizer_equals_the_shorthand():
@@ -263,8 +268,11 @@ def test_drop_leaves_the_bad_rank_out_of_the_fragment_and_resets_it():
         trainer(2, rank, strategy, 6, [rec, records[rank], PoisonAfter(3)]).fit(models[rank])
         return torch.stack(rec.params).double()
 
-    with pytest.warns(UserWarning, match="fragment 1 after local step 5"):
+    with pytest.warns(UserWarning, match="fragment 1 after local step 5") as caught:
         r0, r1 = run_threaded(2, rank_fn)
+    assert [str(w.message) for w in caught if "outer gradient" in str(w.message)] == [
+        "rank 1: non-finite outer gradient of fragment 1 after local step 5; excluded from the average and reset to "
+        "the consensus (its optimizer state is cleared)"]
     first, rest = slice(0, 64), slice(64, None)
     assert not torch.isfinite(r1[3]).any()
     # the anchor is rank 0's alone, a − (a − x₀) (÷ 1 healthy rank, not 2), up to its rounding
@@ -285,7 +293,9 @@ def test_raise_stops_every_rank_when_the_fragment_arrives(comm_dtype, bad_rank):
         run_threaded(2, rank_fn)
     errors = info.value.errors
     assert all(isinstance(e, NonFiniteError) for e in errors), errors
-    assert all(f"fragment 0 on rank(s) [{bad_rank}] (arriving after local step 3)" in str(e) for e in errors)
+    assert {str(e) for e in errors} == {
+        f"non-finite outer gradient of fragment 0 on rank(s) [{bad_rank}] (arriving after local step 3); refusing to "
+        "use it on any rank (nothing was written). Pass nonfinite='drop' to leave such ranks out and reset them."}
 
 
 def test_resume_with_a_fragment_in_flight_equals_the_uninterrupted_run(tmp_path):

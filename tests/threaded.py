@@ -13,9 +13,11 @@ the threads share) and do not draw random numbers during ``fit``.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -80,6 +82,11 @@ def run_threaded(world: int, fn: Callable[[int], Any], timeout: float = 20.0, gr
     on their own (so "every rank raises" can be checked), then are woken out of their collectives, so a failure
     never hangs the test; neither do ranks stuck past ``timeout`` seconds (a fit here takes about a second):
     they are woken the same way and the call raises ``TimeoutError``."""
+    with _one_dataloader_request_at_a_time():
+        return _run(world, fn, timeout, grace)
+
+
+def _run(world: int, fn: Callable[[int], Any], timeout: float, grace: float) -> list[Any]:
     from lightning_utilities.core.rank_zero import rank_zero_only  # the one object both Lightning packages use
 
     # each rank's Trainer sets the process-wide rank_zero_only.rank; left at 1, it would silence every later
@@ -112,6 +119,34 @@ def run_threaded(world: int, fn: Callable[[int], Any], timeout: float = 20.0, gr
         if exc is not None:
             raise RankError(rank, errors) from exc
     return results
+
+
+_REQUEST_LOCK = threading.Lock()
+_LOOPS = ("fit_loop", "evaluation_loop", "prediction_loop")
+
+
+@contextlib.contextmanager
+def _one_dataloader_request_at_a_time() -> Iterator[None]:
+    """Lightning builds a dataloader inside a context that patches ``DataLoader`` and ``BatchSampler`` class-wide
+    and restores them on exit; two threads interleaving those enters and exits leave the classes broken
+    ("BatchSampler has no attribute '__old__setattr__'"). The loops import ``_request_dataloader`` by name, so each
+    loop module's reference is wrapped in one lock while the threads run."""
+    modules = [importlib.import_module(f"{pl.__name__}.loops.{name}") for name in _LOOPS]
+    originals = [m._request_dataloader for m in modules]
+
+    def locked(request):
+        def call(source):
+            with _REQUEST_LOCK:
+                return request(source)
+        return call
+
+    for module, request in zip(modules, originals):
+        module._request_dataloader = locked(request)
+    try:
+        yield
+    finally:
+        for module, request in zip(modules, originals):
+            module._request_dataloader = request
 
 
 def _join(threads: list[threading.Thread], errors: list[BaseException | None], deadline: float,

@@ -102,6 +102,29 @@ def first_layer_and_rest(model: TinyModel) -> tuple[list[nn.Parameter], list[nn.
     return first, [p for p in model.parameters() if all(p is not q for q in first)]
 
 
+class TwoOptimizers(TinyModel):
+    """Manual optimisation: optimizer A (first layer) steps every batch, B (the rest) every other batch."""
+
+    def __init__(self) -> None:
+        super().__init__(bn=False)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt_a, opt_b = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        opt_a.step()
+        if batch_idx % 2 == 1:
+            opt_b.step()
+
+    def configure_optimizers(self):
+        first, rest = first_layer_and_rest(self)
+        return torch.optim.SGD(first, lr=self.lr), torch.optim.SGD(rest, lr=self.lr)
+
+
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
 

@@ -1,0 +1,160 @@
+"""What a sync does to buffers and what evaluation sees, by value, in process (tests/threaded.py): BatchNorm
+statistics averaged at a sync (or left alone with ``average_buffers=False``), an integer buffer that differs
+between ranks taken from rank 0, the consensus swapped in for a validation loop mid-period and the local weights
+swapped back after it, no consensus traffic when validation falls on a sync, the non-finite policy at that
+consensus, several optimizers each on their own clock, and what is kept out of ``callback_metrics``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from scripts._common import Recorder, TinyModel, TwoOptimizers, flat_params, pl, recording
+from threaded import RankError, ThreadRank, run_threaded
+
+from lightning_opt.strategies import LocalSGDStrategy
+from lightning_opt.strategies.errors import NonFiniteError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Counted(TinyModel):
+    """TinyModel with BatchNorm and an integer buffer that grows by rank + 1 per step (so it differs between
+    ranks); ``seen`` records the weights and BN mean each validation step sees, ``starts`` the weights at the start
+    of each training batch."""
+
+    def __init__(self) -> None:
+        super().__init__(bn=True, momentum=0.9)
+        self.register_buffer("count", torch.zeros(2, dtype=torch.int64))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.starts: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.starts.append(flat_params(self))
+
+    def training_step(self, batch, batch_idx):
+        self.count += self.global_rank + 1
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append((flat_params(self), self.net[1].running_mean.clone()))
+
+
+def _buffers(module) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in module.named_buffers()}
+
+
+class BufferRecording(recording(LocalSGDStrategy)):
+    """Also records every buffer right before and after each sync."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pre_buffers, self.post_buffers = [], []
+
+    def _sync(self, idx, step):
+        self.pre_buffers.append(_buffers(self.lightning_module))
+        super()._sync(idx, step)
+        self.post_buffers.append(_buffers(self.lightning_module))
+
+
+def _fit(make, steps, models, val_every=None, callbacks=()):
+    world = len(models)
+
+    def rank_fn(rank):
+        strategy, rec = make(), Recorder()
+        strategy.cluster_environment = ThreadRank(rank, world)
+        validation = {"val_check_interval": val_every, "limit_val_batches": 1} if val_every else {
+            "limit_val_batches": 0}
+        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps,
+                             callbacks=[rec, *callbacks], use_distributed_sampler=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, logger=False,
+                             enable_checkpointing=False, **validation)
+        trainer.fit(models[rank])
+        return strategy, models[rank], rec, trainer
+
+    return run_threaded(world, rank_fn)
+
+
+@pytest.mark.parametrize("average_buffers", [True, False])
+def test_a_sync_averages_float_buffers_and_takes_integer_buffers_from_rank_0(average_buffers):
+    runs = _fit(lambda: BufferRecording(period=3, average_buffers=average_buffers), 6, [Counted(), Counted()])
+    (s0, *_), (s1, *_) = runs
+    for k in range(2):
+        pre = [s.pre_buffers[k] for s in (s0, s1)]
+        assert not torch.equal(pre[0]["count"], pre[1]["count"])
+        for r, s in enumerate((s0, s1)):
+            post = s.post_buffers[k]
+            assert torch.equal(post["count"], pre[0]["count"])  # rank 0's, on every rank
+            assert torch.equal(post["net.1.num_batches_tracked"], pre[r]["net.1.num_batches_tracked"])
+            for name in ("net.1.running_mean", "net.1.running_var"):
+                want = (pre[0][name] + pre[1][name]) / 2 if average_buffers else pre[r][name]
+                torch.testing.assert_close(post[name], want, atol=1e-7, rtol=0)
+
+
+def test_validation_mid_period_sees_the_consensus_and_training_resumes_from_the_local_weights():
+    """τ = 4, validation after step 3: both ranks validate the mean of their weights and BN statistics; step 4
+    starts from each rank's own weights; the consensus traffic is booked as ``eval_bytes``, not ``bytes``."""
+    runs = _fit(lambda: LocalSGDStrategy(period=4), 4, [Counted(), Counted()], val_every=3)
+    local = [rec.params[2] for _, _, rec, _ in runs]
+    bn = [rec.bn[2] for _, _, rec, _ in runs]
+    assert not torch.equal(local[0], local[1])
+    for r, (strategy, model, _, _) in enumerate(runs):
+        params, mean = model.seen[0]
+        torch.testing.assert_close(params, (local[0] + local[1]) / 2, atol=1e-7, rtol=0)
+        torch.testing.assert_close(mean, (bn[0] + bn[1]) / 2, atol=1e-7, rtol=0)
+        assert torch.equal(model.starts[3], local[r])
+        assert strategy.meter.eval_bytes > 0
+
+
+def test_validation_right_after_a_sync_needs_no_collective():
+    runs = _fit(lambda: LocalSGDStrategy(period=3), 6, [Counted(), Counted()], val_every=3)
+    for strategy, model, rec, _ in runs:
+        assert strategy.meter.eval_bytes == 0 and len(model.seen) == 2
+        assert torch.equal(model.seen[0][0], rec.params[2])
+
+
+class PoisonAfterStep2(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_non_finite_rank_at_an_evaluation_consensus_raises_on_every_rank():
+    with pytest.raises(RankError) as info:
+        _fit(lambda: LocalSGDStrategy(period=4), 4, [Counted(), Counted()], val_every=3,
+             callbacks=[PoisonAfterStep2()])
+    for exc in info.value.errors:
+        assert isinstance(exc, NonFiniteError) and str(exc).startswith(
+            "non-finite weights on rank(s) [1] at optimizer step 3;"), exc
+
+
+def test_drop_warns_the_bad_rank_only_naming_what_it_lost():
+    """Weights and the BN statistics they poisoned: excluded and reset, optimizer state cleared; the healthy rank
+    says nothing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = _fit(lambda: LocalSGDStrategy(period=4, nonfinite="drop"), 4, [Counted(), Counted()],
+                    callbacks=[PoisonAfterStep2()])
+    mine = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert mine == [f"rank 1: non-finite {what} at optimizer step 4; excluded from the average and reset to the "
+                    "consensus (its optimizer state is cleared)" for what in ("parameters", "buffers")]
+    (_, m0, _, t0), (_, m1, _, t1) = runs
+    assert t1.optimizers[0].state == {} and len(t0.optimizers[0].state) > 0
+    assert torch.equal(flat_params(m0), flat_params(m1))
+
+
+def test_each_optimizer_syncs_on_its_own_step_count():
+    """τ = 2 over 8 batches (12 optimizer steps, Lightning's global step): the first optimizer steps 8 times
+    (syncs after its steps 2, 4, 6, 8), the second 4 times (after its steps 2 and 4, i.e. batches 4 and 8)."""
+    runs = _fit(lambda: recording(LocalSGDStrategy)(period=2), 12, [TwoOptimizers(), TwoOptimizers()])
+    for strategy, *_ in runs:
+        assert strategy.sync_ids == [0, 0, 1, 0, 0, 1]
+        assert strategy.clock.steps == {0: 8, 1: 4}
+
+
+def test_comm_figures_stay_out_of_callback_metrics():
+    """They differ between ranks (``sync_seconds``), and ``callback_metrics`` must agree across ranks."""
+    for _, _, _, trainer in _fit(lambda: LocalSGDStrategy(period=2), 4, [Counted(), Counted()]):
+        assert not [k for k in trainer.callback_metrics if k.startswith("comm/")]
