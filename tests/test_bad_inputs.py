@@ -60,8 +60,14 @@ UNCHECKED: dict[str, dict[str, str]] = {
                                       "(see the report of issue 13)"},
 }
 
+class Exact(str):
+    """``states`` that is the whole accepted-values text: the message must be exactly "invalid arg=value; expected
+    <text>" (a partial ``states`` only has to appear in it)."""
+
+
 _STRATEGY_COMMON = [
-    ({"period": 0}, "period"), ({"period": 2.5}, "period"), ({"period": "4"}, "period"), ({"period": True}, "period"),
+    ({"period": 0}, "period"), ({"period": 2.5}, "period", Exact("an int with period >= 1, or a PeriodSchedule")),
+    ({"period": "4"}, "period"), ({"period": True}, "period"),
     ({"warmup_steps": -1}, "warmup_steps"), ({"warmup_steps": 1.5}, "warmup_steps"),
     ({"nonfinite": "ignore"}, "nonfinite"), ({"nonfinite": None}, "nonfinite"),
     ({"bucket_cap_mb": 0}, "bucket_cap_mb"), ({"bucket_cap_mb": NAN}, "bucket_cap_mb"),
@@ -85,23 +91,24 @@ TABLE: dict[str, list[tuple]] = {
         ({"outer_lr": INF}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
         ({"outer_momentum": -0.1}, "outer_momentum"), ({"outer_nesterov": "yes"}, "outer_nesterov"),
         ({"outer_nesterov": True}, "outer_nesterov",  # Nesterov without momentum
-         "False with outer_momentum=0 (Nesterov needs momentum in (0, 1))"),
+         Exact("False with outer_momentum=0 (Nesterov needs momentum in (0, 1))")),
         ({"outer_lr": 100.5}, "outer_lr", "outer_lr in (0, 100]"),
         ({"fragments": 0}, "fragments"), ({"fragments": 2.0}, "fragments"),
         ({"period": 4, "fragments": 5}, "fragments", "[1, period=4]"),
         ({"overlap_steps": -1}, "overlap_steps"),
         ({"period": 4, "overlap_steps": 4}, "overlap_steps",
-         "an int in [0, period=4) (a fragment's outer gradient must arrive before its next sync)"),
+         Exact("an int in [0, period=4) (a fragment's outer gradient must arrive before its next sync)")),
         ({"merge_mix": 0.0}, "merge_mix"), ({"merge_mix": 1.5}, "merge_mix"), ({"merge_mix": NAN}, "merge_mix"),
         ({"comm_dtype": "fp8"}, "comm_dtype"), ({"comm_dtype": torch.int8}, "comm_dtype"),
-        ({"outer_optimizer": "sgd"}, "outer_optimizer", "None or a callable taking the anchors and returning a torch "
-         "Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True))"),
+        ({"outer_optimizer": "sgd"}, "outer_optimizer", Exact(
+            "None or a callable taking the anchors and returning a torch Optimizer (e.g. "
+            "functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True))")),
         ({"outer_optimizer": torch.optim.SGD, "outer_lr": 0.7}, "outer_optimizer",
-         "None when outer_lr/outer_momentum/outer_nesterov are set (they are the SGD shorthand for it)"),
+         Exact("None when outer_lr/outer_momentum/outer_nesterov are set (they are the SGD shorthand for it)")),
         ({"outer_optimizer": torch.optim.SGD, "outer_momentum": 0.5}, "outer_optimizer", "the SGD shorthand"),
-        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "fragments": 2}, "period",
-         "an int with fragments > 1, overlap_steps > 0, comm_dtype other than 'float32' or an outer_optimizer (a "
-         "schedule would move the fragments' sync steps)"),
+        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "fragments": 2}, "period", Exact(
+            "an int with fragments > 1, overlap_steps > 0, comm_dtype other than 'float32' or an outer_optimizer (a "
+            "schedule would move the fragments' sync steps)")),
     ],
     "LSGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
         ({"pull": 0.0}, "pull"), ({"pull": 1.5}, "pull"), ({"pull": NAN}, "pull"),
@@ -110,17 +117,21 @@ TABLE: dict[str, list[tuple]] = {
         ({"group_size": 0}, "group_size"), ({"group_size": 1.5}, "group_size"),
         ({"period": 2, "global_period": 3}, "global_period", "a multiple of `period` (2)"),
         ({"period": 2, "global_period": 0}, "global_period"),
-        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "global_period": 16}, "global_period",
-         ("needs a fixed integer `period`", "ConstantHorizon(")),
-        ({"eval_weights": "best"}, "eval_weights"), ({"score_key": 3}, "score_key", "a non-empty metric name"),
+        ({"period": lightning_opt.strategies.ConstantHorizon(0.4), "global_period": 16}, "global_period", Exact(
+            "None with period=ConstantHorizon(horizon=0.4, max_period=10000): a global period needs a fixed integer "
+            "`period` (global pulls happen every global_period / period local syncs)")),
+        ({"eval_weights": "best"}, "eval_weights"), ({"score_key": 3}, "score_key", Exact("a non-empty metric name")),
     ],
     "LookaheadStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
         ({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha"), ({"alpha": NAN}, "alpha"),
         ({"mode": "async"}, "mode"), ({"pullback_momentum": "keep"}, "pullback_momentum"),
-        ({"mode": "sync", "fragments": 2}, "mode", "'local' with fragments, overlap_steps, merge_mix or comm_dtype "
-         "(mode 'sync' sends gradients every step, not outer gradients)"),
+        ({"mode": "sync", "fragments": 2}, "mode", Exact("'local' with fragments, overlap_steps, merge_mix or "
+                                                         "comm_dtype (mode 'sync' sends gradients every step, not "
+                                                         "outer gradients)")),
         ({"mode": "local", "comm_dtype": "int8", "pullback_momentum": "reset"}, "pullback_momentum",
-         "'none' with fragments, overlap_steps, merge_mix or comm_dtype"),
+         Exact("'none' with fragments, overlap_steps, merge_mix or comm_dtype")),
+        ({"momentum_keys": ("exp_avg", 3)}, "momentum_keys",
+         Exact("a non-empty sequence of non-empty optimizer state keys")),
         ({"mode": "local", "outer_optimizer": torch.optim.SGD}, "outer_optimizer", "the outer step is alpha"),
     ],
     "EASGDStrategy": _STRATEGY_COMMON + _AVERAGE_BUFFERS + [
@@ -353,6 +364,8 @@ def test_invalid_value_raises_value_error_naming_the_argument(name, kwargs, arg,
     assert "; expected " in message, f"{name}({kwargs}) -> {message} does not say what is accepted"
     for text in () if states is None else (states,) if isinstance(states, str) else states:
         assert text in message, f"{name}({kwargs}) -> {message} does not state {text!r}"
+    if isinstance(states, Exact):
+        assert message == f"invalid {arg}={kwargs[arg]!r}; expected {states}", message
 
 
 # The accepted side of the boundaries the rows above reject just past (a range check off by one either way fails
@@ -365,7 +378,8 @@ EDGES = [
     *[("LSGDStrategy", {"eval_weights": m}) for m in ("center", "leader", "local")],
     ("LSGDStrategy", {"leader_window": 1}), ("LSGDStrategy", {"group_size": 1}),
     ("LSGDStrategy", {"period": 1, "global_period": 1}),
-    ("LookaheadStrategy", {"alpha": 1.0}), ("LookaheadStrategy", {"mode": "local", "period": 4, "fragments": 4}),
+    ("ConstantHorizon", {"horizon": 1e-9, "max_period": 1}), ("LookaheadStrategy", {"alpha": 1.0}),
+    ("LookaheadStrategy", {"mode": "local", "period": 4, "fragments": 4}),
 ]
 
 

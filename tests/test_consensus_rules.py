@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from scripts._common import Recorder, TinyModel, TwoOptimizers, flat_params, pl, recording
+from scripts._common import CaptureLogger, Recorder, TinyModel, TwoOptimizers, flat_params, pl, recording
 from threaded import RankError, ThreadRank, run_threaded
 
-from lightning_opt.strategies import LocalSGDStrategy
+from lightning_opt.strategies import EASGDStrategy, LocalSGDStrategy, LookaheadStrategy
 from lightning_opt.strategies.errors import NonFiniteError
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +58,7 @@ class BufferRecording(recording(LocalSGDStrategy)):
         self.post_buffers.append(_buffers(self.lightning_module))
 
 
-def _fit(make, steps, models, val_every=None, callbacks=()):
+def _fit(make, steps, models, val_every=None, callbacks=(), sanity=0, logger=False):
     world = len(models)
 
     def rank_fn(rank):
@@ -68,7 +68,8 @@ def _fit(make, steps, models, val_every=None, callbacks=()):
             "limit_val_batches": 0}
         trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps,
                              callbacks=[rec, *callbacks], use_distributed_sampler=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, logger=False,
+                             enable_model_summary=False, num_sanity_val_steps=sanity,
+                             logger=CaptureLogger() if logger else False, log_every_n_steps=1,
                              enable_checkpointing=False, **validation)
         trainer.fit(models[rank])
         return strategy, models[rank], rec, trainer
@@ -93,25 +94,28 @@ def test_a_sync_averages_float_buffers_and_takes_integer_buffers_from_rank_0(ave
 
 
 def test_validation_mid_period_sees_the_consensus_and_training_resumes_from_the_local_weights():
-    """τ = 4, validation after step 3: both ranks validate the mean of their weights and BN statistics; step 4
-    starts from each rank's own weights; the consensus traffic is booked as ``eval_bytes``, not ``bytes``."""
-    runs = _fit(lambda: LocalSGDStrategy(period=4), 4, [Counted(), Counted()], val_every=3)
-    local = [rec.params[2] for _, _, rec, _ in runs]
-    bn = [rec.bn[2] for _, _, rec, _ in runs]
-    assert not torch.equal(local[0], local[1])
-    for r, (strategy, model, _, _) in enumerate(runs):
-        params, mean = model.seen[0]
-        torch.testing.assert_close(params, (local[0] + local[1]) / 2, atol=1e-7, rtol=0)
-        torch.testing.assert_close(mean, (bn[0] + bn[1]) / 2, atol=1e-7, rtol=0)
-        assert torch.equal(model.starts[3], local[r])
-        assert strategy.meter.eval_bytes > 0
+    """τ = 4, validation after steps 3 and 6 (neither a sync): both ranks validate the mean of their weights and
+    BN statistics; the next step starts from each rank's own weights; the consensus traffic is booked as
+    ``eval_bytes``, not ``bytes``."""
+    runs = _fit(lambda: LocalSGDStrategy(period=4), 7, [Counted(), Counted()], val_every=3)
+    for v, step in enumerate((3, 6)):
+        local = [rec.params[step - 1] for _, _, rec, _ in runs]
+        bn = [rec.bn[step - 1] for _, _, rec, _ in runs]
+        assert not torch.equal(local[0], local[1])
+        for r, (strategy, model, _, _) in enumerate(runs):
+            params, mean = model.seen[v]
+            torch.testing.assert_close(params, (local[0] + local[1]) / 2, atol=1e-7, rtol=0)
+            torch.testing.assert_close(mean, (bn[0] + bn[1]) / 2, atol=1e-7, rtol=0)
+            assert torch.equal(model.starts[step], local[r])
+            assert strategy.meter.eval_bytes > 0
 
 
 def test_validation_right_after_a_sync_needs_no_collective():
-    runs = _fit(lambda: LocalSGDStrategy(period=3), 6, [Counted(), Counted()], val_every=3)
+    """Nor does the sanity check before the first step: every rank starts from rank 0's weights."""
+    runs = _fit(lambda: LocalSGDStrategy(period=3), 6, [Counted(), Counted()], val_every=3, sanity=1)
     for strategy, model, rec, _ in runs:
-        assert strategy.meter.eval_bytes == 0 and len(model.seen) == 2
-        assert torch.equal(model.seen[0][0], rec.params[2])
+        assert strategy.meter.eval_bytes == 0 and len(model.seen) == 3
+        assert torch.equal(model.seen[1][0], rec.params[2])
 
 
 class PoisonAfterStep2(pl.Callback):
@@ -154,7 +158,36 @@ def test_each_optimizer_syncs_on_its_own_step_count():
         assert strategy.clock.steps == {0: 8, 1: 4}
 
 
-def test_comm_figures_stay_out_of_callback_metrics():
-    """They differ between ranks (``sync_seconds``), and ``callback_metrics`` must agree across ranks."""
-    for _, _, _, trainer in _fit(lambda: LocalSGDStrategy(period=2), 4, [Counted(), Counted()]):
-        assert not [k for k in trainer.callback_metrics if k.startswith("comm/")]
+def test_strategy_figures_are_logged_but_stay_out_of_callback_metrics():
+    """They differ between ranks (``sync_seconds``), and ``callback_metrics`` must agree across ranks. EASGD logs
+    the norm of its last centre step at each sync (τ = 2: after steps 2 and 4)."""
+    runs = _fit(lambda: EASGDStrategy(period=2, beta=0.43), 4, [Counted(), Counted()], logger=True)
+    strategy, _, _, trainer = runs[0]
+    norms = trainer.logger.values("easgd/center_step_norm")
+    assert len(norms) == 2 and norms[-1] == pytest.approx(strategy.last_center_step_norm) and norms[0] != norms[1]
+    assert trainer.logger.values("comm/syncs")[-1] == 2.0
+    for _, _, _, trainer in runs:
+        assert not [k for k in trainer.callback_metrics if k.startswith(("comm/", "easgd/"))]
+
+
+def test_sparse_gradients_are_refused_where_gradients_are_averaged():
+    """Warm-up steps (even one) and Lookahead sync mode average gradients: a sparse embedding fails at setup,
+    naming the module; without warm-up, Local SGD averages its (dense) weights and trains."""
+    message = ("{}: sparse gradients (nn.Embedding(sparse=True) in ['emb']) cannot be averaged on the DDP-like steps "
+               "(warmup_steps > 0, Lookahead mode='sync'); use sparse=False, or warmup_steps=0 with a strategy that "
+               "averages parameters (Local SGD, Lookahead mode='local', LSGD, EASGD)")
+    for make, name in ((lambda: LocalSGDStrategy(period=2, warmup_steps=1), "LocalSGDStrategy"),
+                       (lambda: LookaheadStrategy(period=2), "LookaheadStrategy")):
+        with pytest.raises(RankError) as info:
+            _fit(make, 2, [Sparse(), Sparse()])
+        assert [str(e) for e in info.value.errors] == [message.format(name)] * 2
+    _fit(lambda: LocalSGDStrategy(period=2), 2, [Sparse(), Sparse()])
+
+
+class Sparse(TinyModel):
+    def __init__(self) -> None:
+        super().__init__(bn=False)
+        self.emb = torch.nn.Embedding(4, 6, sparse=True)
+
+    def forward(self, x):
+        return self.net(x + self.emb.weight[0])

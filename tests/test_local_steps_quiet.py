@@ -77,3 +77,37 @@ def test_steps_that_average_gradients_still_carry_the_sigterm_flag(counted):
     # Lookahead mode="sync" averages every step: every step communicates, the flag with it
     assert _steps_with_collectives(counted, lambda: LookaheadStrategy(period=4, mode="sync"), 6) == [
         list(range(1, 7))] * 2
+
+
+class _EpochLoop:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def _broadcast_sigterm_tensor(self) -> None:
+        self.sent += 1
+
+
+def test_the_gate_forwards_only_communicating_steps_and_undoes_only_itself():
+    """The gate on a stand-in loop: the broadcast runs exactly when ``communicates()`` says so; ``undo`` brings
+    back the loop's own method, but leaves alone a replacement someone installed after us; a trainer without the
+    loop, or a loop without the broadcast (older Lightning), is left untouched."""
+    from types import SimpleNamespace
+
+    from lightning_opt.strategies._sigterm import broadcast_sigterm_only_when
+
+    loop, answers = _EpochLoop(), iter([True, False, True])
+    undo = broadcast_sigterm_only_when(SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop)),
+                                       lambda: next(answers))
+    for _ in range(3):
+        loop._broadcast_sigterm_tensor()
+    assert loop.sent == 2
+    assert undo() is None and "_broadcast_sigterm_tensor" not in vars(loop)
+    loop._broadcast_sigterm_tensor()
+    assert loop.sent == 3  # the loop's own method again
+
+    undo = broadcast_sigterm_only_when(SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop)), lambda: False)
+    theirs = loop._broadcast_sigterm_tensor = lambda: None  # e.g. another plugin's wrapper, installed after ours
+    undo()
+    assert vars(loop)["_broadcast_sigterm_tensor"] is theirs
+    for bare in (object(), SimpleNamespace(fit_loop=object()), SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=1))):
+        assert broadcast_sigterm_only_when(bare, lambda: True)() is None

@@ -37,6 +37,16 @@ class PoisonFastWeights(pl.Callback):
                 trainer.optimizers[0].state[pl_module.net[3].bias]["momentum_buffer"].fill_(float("nan"))
 
 
+class Summers(pl.Callback):
+    """Each rank's gradient summer after every step (shared by the ranks: keyed by rank)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, set[int]] = {0: set(), 1: set()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen[trainer.global_rank].add(id(trainer.strategy._grad_sums[0]))
+
+
 def _fit(make, steps, policy_callbacks=(), model=Spare, **model_kw):
     models = [model(**model_kw) for _ in range(2)]
 
@@ -59,11 +69,14 @@ def test_sync_mode_raise_names_the_fast_weights_on_every_rank():
 def test_sync_mode_drop_copies_rank_0s_weights_and_optimizer_state_over_the_bad_rank():
     """At the sync after step 6 rank 1 gets rank 0's fast weights and momentum buffers (the one-element bias
     buffer included), with a warning; the ranks then train identically. The sync's only
-    collectives are the 2-float flag vector and the broadcast (129 + 1 weights, 129 momentum floats)."""
+    collectives are the 2-float flag vector and the broadcast (129 + 1 weights, 129 momentum floats); each rank's
+    gradient buckets are built once and reused on every step."""
+    summers = Summers()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runs = _fit(lambda: LookaheadStrategy(period=3, alpha=0.3, nonfinite="drop"), 9, [PoisonFastWeights()],
-                    momentum=0.9)
+        runs = _fit(lambda: LookaheadStrategy(period=3, alpha=0.3, nonfinite="drop"), 9,
+                    [PoisonFastWeights(), summers], momentum=0.9)
+    assert [len(ids) for ids in summers.seen.values()] == [1, 1]
     mine = [w for w in caught if "fast weights" in str(w.message)]
     assert [str(w.message) for w in mine] == ["rank 1: non-finite fast weights at optimizer step 6; reset to rank "
                                               "0's weights and optimizer state"]

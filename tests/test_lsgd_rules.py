@@ -101,6 +101,14 @@ def test_manual_optimisation_scores_come_from_the_logged_metric(key):
         assert h["scores"] == pytest.approx([0.4, 2.5]) and h["leader"] == 0
 
 
+def test_a_non_finite_score_never_leads():
+    """A rank logging NaN (with finite weights) scores ∞, even though 0.4 < 2.5 would make it lead otherwise."""
+    models = [Manual("train/loss", [float("nan"), 2.5]) for _ in range(2)]
+    runs = _fit(lambda: LSGDStrategy(period=2, pull=0.25, leader_window=4), 4, models)
+    for h in runs[0][0].history:
+        assert h["scores"] == [float("inf"), pytest.approx(2.5)] and h["leader"] == 1
+
+
 def test_no_finite_score_skips_the_pull_and_logs_no_leader():
     """A score key nobody logs leaves every window empty (score ∞): the pull is skipped with a warning, and the
     sync logs leader −1 with no spread and no leader score."""

@@ -7,6 +7,8 @@ files; these are the fast ones ``make mutate`` runs.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from reference import Worker, lookahead, mean
@@ -76,8 +78,14 @@ def test_drop_on_gradients_steps_with_the_healthy_mean_gradient():
             loss = super().training_step(batch, batch_idx)
             return loss * float("nan") if self.global_rank == 1 and self.trainer.global_step == 1 else loss
 
-    runs = _fit_ranks(3, lambda: LocalSGDStrategy(period=2, warmup_steps=3, nonfinite="drop"), 3,
-                      models=[NaNLoss(bn=False) for _ in range(3)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = _fit_ranks(3, lambda: LocalSGDStrategy(period=2, warmup_steps=3, nonfinite="drop"), 3,
+                          models=[NaNLoss(bn=False) for _ in range(3)])
+    # only the gradient is replaced: the weights and optimizer state stay the others', nothing is reset
+    assert [str(w.message) for w in caught if "non-finite" in str(w.message)] == [
+        "rank 1: non-finite gradients at optimizer step 2; excluded from the average (this rank steps with the "
+        "healthy ranks' mean gradient)"]
     workers = [Worker(r, 3) for r in range(3)]
     for t in range(3):
         grads = [w.grad(t) for w in workers]

@@ -107,3 +107,10 @@ def test_the_steps_that_communicate_are_warmup_the_first_local_step_and_each_syn
     clock.schedule_next(1, 0, 0.1, None)  # a second optimizer whose sync is due at its next step (3)
     clock.count(1, 2)
     assert clock.next_step_communicates(2, averaged=False)
+
+
+def test_constant_horizon_keeps_at_least_one_step_and_caps_a_zero_lr():
+    """γk = s rounded, never below 1 (s = 0.4 at γ = 1 rounds to 0) nor above ``max_period``, which is also the
+    period at γ = 0 (no horizon is reached)."""
+    schedule = ConstantHorizon(0.4, max_period=7)
+    assert [schedule.next_period(0, lr) for lr in (1.0, 0.1, 0.05, 0.0)] == [1, 4, 7, 7]
