@@ -111,3 +111,18 @@ def test_the_gate_forwards_only_communicating_steps_and_undoes_only_itself():
     assert vars(loop)["_broadcast_sigterm_tensor"] is theirs
     for bare in (object(), SimpleNamespace(fit_loop=object()), SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=1))):
         assert broadcast_sigterm_only_when(bare, lambda: True)() is None
+
+
+def test_an_averaged_step_sends_its_gradients_once(counted):
+    """Lookahead sync mode, a step that does not sync: the SIGTERM flag broadcast and one all-reduce of the
+    gradients (DDP's 1 MB first bucket holds this whole model; the flags ride in it). Sums redone at the step
+    instead (plain bucketed averaging, two all-reduces under this 300-byte cap) would show."""
+    models = [TinyModel(bn=False) for _ in range(2)]
+
+    def rank_fn(rank: int):
+        cb = PerStep(counted)
+        trainer(2, rank, LookaheadStrategy(period=4, mode="sync", bucket_cap_mb=3e-4), 3, [cb]).fit(models[rank])
+        return cb.per_step
+
+    for per_step in run_threaded(2, rank_fn):
+        assert per_step == {1: 2, 2: 2, 3: 2}

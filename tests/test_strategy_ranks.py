@@ -226,8 +226,14 @@ def test_lsgd_pull_one_copies_the_argmin_leader_over_four_workers():
 def test_lsgd_drop_resets_the_bad_worker_to_its_leader_and_never_elects_it():
     """Rank 1 (offset 1.0 < 3.0: the leader) goes NaN after step 3: at the sync after step 4 it is out of the
     election (score ∞), rank 0 leads and rank 1 is reset to it exactly (λ = 1 for a reset, not λ = 0.25)."""
-    runs = _fit_ranks(2, lambda: recording(LSGDStrategy)(period=2, pull=0.25, leader_window=2, nonfinite="drop"),
-                      6, models=[Offset(bn=False) for _ in range(2)], callbacks=[PoisonWeights(rank=1, step=3)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = _fit_ranks(2, lambda: recording(LSGDStrategy)(period=2, pull=0.25, leader_window=2,
+                                                            nonfinite="drop"),
+                          6, models=[Offset(bn=False) for _ in range(2)], callbacks=[PoisonWeights(rank=1, step=3)])
+    assert [str(w.message) for w in caught if "LSGD" in str(w.message)] == [
+        "LSGD: rank 1 has non-finite parameters at optimizer step 4; dropped from the leader election and reset to "
+        "its leader (rank 0)"]
     (s0, _, _), (s1, _, _) = runs
     assert [h["leader"] for h in s0.history[:2]] == [1, 0] and s0.history[1]["scores"][1] == float("inf")
     torch.testing.assert_close(s1.post[1], s0.pre[1], atol=0, rtol=0)  # reset to rank 0 exactly

@@ -14,10 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import MU, HeavyBall, Worker, local_sgd_outer, lookahead
-from scripts._common import Recorder, TinyModel, flat_params
+from scripts._common import Recorder, TinyModel, flat_params, pl
 from threaded import run_threaded, trainer
 
-from lightning_opt.strategies import ConstantHorizon, EASGDStrategy, LocalSGDStrategy, LookaheadStrategy
+from lightning_opt.callbacks import CURVATURE_ATTR
+from lightning_opt.strategies import (
+    ConstantHorizon,
+    CurvatureAdaptivePeriod,
+    EASGDStrategy,
+    LocalSGDStrategy,
+    LookaheadStrategy,
+)
 from lightning_opt.strategies.lsgd import pull_
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,6 +102,23 @@ def test_constant_horizon_grows_the_period_as_the_lr_decays():
     ours, final = _fit(s, steps=24, model=_Decay(bn=False))
     assert not torch.allclose(final, ours[-1])  # step 24 is mid-period: fit hands back the slow weights
     assert syncs == [3, 6, 9, 15] and s.clock.period[0] == 12
+
+
+class Publish(pl.Callback):
+    """Stands in for SharpnessMonitor: publishes λ_min = −2 on the trainer before the first step."""
+
+    def on_train_start(self, trainer, pl_module):
+        setattr(trainer, CURVATURE_ATTR, {"lambda_min": -2.0, "step": 0})
+
+
+def test_curvature_adaptive_period_reads_the_published_curvature_and_lookaheads_horizon_factor():
+    """Curvature paper Cor. 5.4: τ = ⌊c / (γ (1 − α) |λ_min|)⌋ = ⌊0.5 / (0.05 · 0.7 · 2)⌋ = 7 for one-worker
+    Lookahead with α = 0.3 (without the trainer's curvature it would keep its default period, 2)."""
+    schedule = CurvatureAdaptivePeriod(c=0.5, default_period=2)
+    strategy, model, rec = LookaheadStrategy(period=schedule, alpha=0.3), TinyModel(bn=False, momentum=MU), Recorder()
+    run_threaded(1, lambda rank: trainer(1, rank, strategy, 8, [rec, Publish()]).fit(model))
+    assert (schedule.last_lambda_min, schedule.last_measured_step, schedule.last_period) == (-2.0, 0, 7)
+    assert strategy.meter.syncs == 1 and strategy.clock.period[0] == 7
 
 
 def test_timm_lookahead_differs_only_by_its_lazy_first_slow_update():
