@@ -134,13 +134,14 @@ def same(a, b, rel: float = 1e-9) -> bool:
 
 def streaming_diloco(k: int, steps: int, parts: list[tuple[int, int]], offsets: list[int], overlap: int, mix: float,
                      outer: str = "sgd", lr: float = 1.0, mu: float = 0.0, nesterov: bool = False,
-                     world: int = 2) -> list[torch.Tensor]:
+                     world: int = 2, anchors: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Streaming DiLoCo (Douillard et al. 2025, Alg. 1–2) over TinyModel(bn=False)'s weights flattened (129 values):
     fragment p (the values ``parts[p] = (start, stop)``) sends Δ_p = mean over workers of (a_p − x_p) after local
     steps t with (t − 1) mod k + 1 = ``offsets[p]``; ``overlap`` steps later (right away if 0) the outer step moves
     a_p (SGD: m ← μ m + Δ, d = Δ + μ m (Nesterov) or m, a ← a − lr d; "adam": Adam at lr with β = (0.9, 0.999),
     ε = 1e-8, one step count per fragment) and every worker merges x_p ← (1 − mix) x_p + mix a_p. Returns each
-    worker's flat weights after every step."""
+    worker's flat weights after every step; ``anchors``, if given, receives the anchors at the end, after the outer
+    steps of the fragments still in flight (applied with no merge: training is over)."""
     workers = [Worker(r, world) for r in range(world)]
     inners = [HeavyBall(w) for w in workers]
     shapes = [x.shape for x in workers[0].x]
@@ -153,7 +154,7 @@ def streaming_diloco(k: int, steps: int, parts: list[tuple[int, int]], offsets: 
         sizes = [math.prod(s) for s in shapes]
         w.x = [c.reshape(s).clone() for c, s in zip(flat.split(sizes), shapes)]
 
-    def apply(p: int) -> None:
+    def apply(p: int, merge: bool = True) -> None:
         _, g = flying.pop(p)
         a, b = parts[p]
         count[p] += 1
@@ -165,7 +166,7 @@ def streaming_diloco(k: int, steps: int, parts: list[tuple[int, int]], offsets: 
         else:
             m1[a:b] = mu * m1[a:b] + g
             anchor[a:b] = anchor[a:b] - lr * (g + mu * m1[a:b] if nesterov else m1[a:b])
-        for w in workers:
+        for w in workers if merge else ():
             flat = w.flat()
             flat[a:b] = (1 - mix) * flat[a:b] + mix * anchor[a:b]
             set_flat(w, flat)
@@ -184,4 +185,8 @@ def streaming_diloco(k: int, steps: int, parts: list[tuple[int, int]], offsets: 
                     apply(p)
         for r, w in enumerate(workers):
             out[r].append(w.flat())
+    if anchors is not None:
+        for p in sorted(flying):
+            apply(p, merge=False)
+        anchors.append(anchor)
     return [torch.stack(o) for o in out]

@@ -8,12 +8,13 @@ real processes) is in ``test_streaming_gloo.py``.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from reference import streaming_diloco
-from scripts._common import Recorder, TinyModel, pl
+from scripts._common import Recorder, TinyModel, flat_params, pl
 from scripts._common import trainer as scripts_trainer
 from threaded import RankError, ThreadRank, run_threaded, trainer
 
@@ -191,6 +192,19 @@ def test_streamed_fit_follows_the_reference(case):
     assert not torch.allclose(ours[0][-1], ours[1][-1])  # the ranks hold their own weights between syncs
 
 
+def test_fit_flushes_what_is_in_flight_into_the_consensus_it_hands_back():
+    """P = 2, τ = 4, d = 1, 6 steps: fragment 0 is sent after step 6 and has not arrived when fit ends; fit still
+    hands back the anchors with its outer step applied (no merge), on every rank."""
+    fragments, period, overlap, merge, outer, parts, offs = CASES["p2-d1-diloco"]
+    models = [TinyModel(bn=False, momentum=0.9) for _ in range(2)]
+    run_threaded(2, lambda rank: trainer(2, rank, _strategy(fragments, period, overlap, merge, outer), 6,
+                                         []).fit(models[rank]))
+    anchors: list[torch.Tensor] = []
+    streaming_diloco(period, 6, parts, offs, overlap, merge, "sgd", 0.7, 0.6, True, anchors=anchors)
+    for model in models:
+        torch.testing.assert_close(flat_params(model).double(), anchors[0], atol=3e-6, rtol=1e-5)
+
+
 def test_lookahead_local_streams_with_outer_lr_alpha():
     ours = _fit(lambda: LookaheadStrategy(period=4, alpha=0.3, mode="local", fragments=2, overlap_steps=1,
                                           merge_mix=0.6))
@@ -283,10 +297,12 @@ def test_drop_leaves_the_bad_rank_out_of_the_fragment_and_resets_it():
     assert records[1].sizes[4] == 0 and records[0].sizes[4] == 4
 
 
-@pytest.mark.parametrize("comm_dtype,bad_rank", [("float32", 1), ("int8", 0), ("bfloat16", 1)])
-def test_raise_stops_every_rank_when_the_fragment_arrives(comm_dtype, bad_rank):
+@pytest.mark.parametrize("comm_dtype,bad_rank,overlap", [("float32", 1, 1), ("int8", 0, 1), ("bfloat16", 1, 1),
+                                                        ("float32", 1, 0)])
+def test_raise_stops_every_rank_when_the_fragment_arrives(comm_dtype, bad_rank, overlap):
+    """Fragment 0 is sent after local step 2 and arrives d steps later (d = 0: at once)."""
     def rank_fn(rank: int):
-        strategy = LocalSGDStrategy(period=4, fragments=2, overlap_steps=1, comm_dtype=comm_dtype)
+        strategy = LocalSGDStrategy(period=4, fragments=2, overlap_steps=overlap, comm_dtype=comm_dtype)
         trainer(2, rank, strategy, 8, [PoisonAfter(1, bad_rank)]).fit(TinyModel(bn=False))
 
     with pytest.raises(RankError) as info:
@@ -294,8 +310,27 @@ def test_raise_stops_every_rank_when_the_fragment_arrives(comm_dtype, bad_rank):
     errors = info.value.errors
     assert all(isinstance(e, NonFiniteError) for e in errors), errors
     assert {str(e) for e in errors} == {
-        f"non-finite outer gradient of fragment 0 on rank(s) [{bad_rank}] (arriving after local step 3); refusing to "
-        "use it on any rank (nothing was written). Pass nonfinite='drop' to leave such ranks out and reset them."}
+        f"non-finite outer gradient of fragment 0 on rank(s) [{bad_rank}] (arriving after local step {2 + overlap}); "
+        "refusing to use it on any rank (nothing was written). Pass nonfinite='drop' to leave such ranks out and "
+        "reset them."}
+
+
+def test_drop_without_overlap_resets_the_bad_rank_at_once():
+    """d = 0: fragment 0 (sent after step 2) arrives at once; rank 1, NaN since step 1, is reset to the anchors
+    right there and trains on with finite weights."""
+    def rank_fn(rank: int):
+        rec = Recorder()
+        strategy = LocalSGDStrategy(period=4, fragments=2, nonfinite="drop", merge_mix=0.6)
+        trainer(2, rank, strategy, 4, [PoisonAfter(1), rec]).fit(TinyModel(bn=False))
+        return torch.stack(rec.params)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, r1 = run_threaded(2, rank_fn)
+    assert [str(w.message) for w in caught if "outer gradient" in str(w.message)] == [
+        "rank 1: non-finite outer gradient of fragment 0 after local step 2; excluded from the average and reset to "
+        "the consensus (its optimizer state is cleared)"]
+    assert not torch.isfinite(r1[0]).all() and torch.isfinite(r1[1:]).all()
 
 
 def test_resume_with_a_fragment_in_flight_equals_the_uninterrupted_run(tmp_path):
