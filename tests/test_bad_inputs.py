@@ -71,7 +71,7 @@ _STRATEGY_COMMON = [
     ({"warmup_steps": -1}, "warmup_steps"), ({"warmup_steps": 1.5}, "warmup_steps"),
     ({"nonfinite": "ignore"}, "nonfinite"), ({"nonfinite": None}, "nonfinite"),
     ({"bucket_cap_mb": 0}, "bucket_cap_mb"), ({"bucket_cap_mb": NAN}, "bucket_cap_mb"),
-    ({"bucket_cap_mb": 2e6}, "bucket_cap_mb", "bucket_cap_mb in (0, 1e+06]"),
+    ({"bucket_cap_mb": 1000000.5}, "bucket_cap_mb", "bucket_cap_mb in (0, 1e+06]"),
     ({"timeout": 0}, "timeout"), ({"timeout": -5.0}, "timeout"), ({"timeout": NAN}, "timeout"),
     ({"timeout": "60"}, "timeout"), ({"start_method": "thread"}, "start_method"),
 ]

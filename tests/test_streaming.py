@@ -409,6 +409,19 @@ def test_a_restored_stream_applies_the_saved_gradient_at_its_step():
                        b.state_dict()["outer"][1]["state"][0]["momentum_buffer"])
 
 
+def test_a_stream_saved_before_its_first_step_restores_and_partitions_at_its_first_step():
+    """A checkpoint taken during warm-up holds a stream with no partition yet: restored, it cuts one at its first
+    step, as the stream that was never saved does."""
+    params = [torch.linspace(-1, 1, 6), torch.linspace(0, 2, 5)]
+    anchors = [p.clone() for p in params]
+    fresh, restored = _stream(), _stream()
+    restored.load_state_dict(fresh.state_dict(), rank=0, world=1)
+    assert restored.parts is None and restored.flying == {}
+    for stream in (fresh, restored):
+        stream.step(1, [p.clone() for p in params], [a.clone() for a in anchors], "raise")
+    assert restored.parts == fresh.parts and restored.parts is not None
+
+
 def test_a_restored_bad_rank_is_reset_only_as_the_same_rank_of_the_same_world():
     state = {"outer": {}, "parts": [[(0, 0, 3)]], "flying": {0: {"at": 5, "total": torch.zeros(3), "bad": [1],
                                                                    "world": 2}}}
