@@ -391,6 +391,27 @@ def test_boundary_values_are_accepted(name, kwargs):
         assert stored.get(arg, lambda a=arg: getattr(made, a))() == value
 
 
+DEFAULT_REPRS = {
+    "PeriodicSyncStrategy": "PeriodicSyncStrategy(period=ConstantPeriod(1), warmup_steps=0)",
+    "LocalSGDStrategy": "LocalSGDStrategy(period=ConstantPeriod(1), warmup_steps=0, outer_lr=1.0, outer_momentum=0.0, "
+                        "outer_nesterov=False)",
+    "EASGDStrategy": "EASGDStrategy(period=ConstantPeriod(1), beta=0.43, warmup_steps=0, nonfinite='raise')",
+    "CurvatureAdaptivePeriod": "CurvatureAdaptivePeriod(c=0.5, min_period=1, max_period=1000, default_period=1)",
+}
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_REPRS))
+def test_defaults_are_the_documented_ones(name):
+    """Every default shows in the repr (LSGD's and Lookahead's are pinned in their rules files)."""
+    assert repr(PUBLIC[name]()) == DEFAULT_REPRS[name]
+
+
+def test_schedule_defaults():
+    schedules = lightning_opt.strategies
+    assert repr(schedules.ConstantHorizon(0.4)) == "ConstantHorizon(horizon=0.4, max_period=10000)"
+    assert schedules.CurvatureAdaptivePeriod(c=0.5).period_for(0.05, -2.0) == 5  # horizon factor 1 by default
+
+
 def test_lightning_arguments_reach_ddp_strategy_and_the_defaults():
     """The plumbing arguments ``UNCHECKED`` leaves to Lightning arrive where ``DDPStrategy`` keeps them."""
     from datetime import timedelta

@@ -192,15 +192,16 @@ def test_streamed_fit_follows_the_reference(case):
     assert not torch.allclose(ours[0][-1], ours[1][-1])  # the ranks hold their own weights between syncs
 
 
-def test_fit_flushes_what_is_in_flight_into_the_consensus_it_hands_back():
-    """P = 2, τ = 4, d = 1, 6 steps: fragment 0 is sent after step 6 and has not arrived when fit ends; fit still
-    hands back the anchors with its outer step applied (no merge), on every rank."""
+@pytest.mark.parametrize("steps", [2, 6])
+def test_fit_flushes_what_is_in_flight_into_the_consensus_it_hands_back(steps):
+    """P = 2, τ = 4, d = 1: fragment 0 is sent after step 2 (its first send) or 6 and has not arrived when fit
+    ends; fit still hands back the anchors with its outer step applied (no merge), on every rank."""
     fragments, period, overlap, merge, outer, parts, offs = CASES["p2-d1-diloco"]
     models = [TinyModel(bn=False, momentum=0.9) for _ in range(2)]
-    run_threaded(2, lambda rank: trainer(2, rank, _strategy(fragments, period, overlap, merge, outer), 6,
+    run_threaded(2, lambda rank: trainer(2, rank, _strategy(fragments, period, overlap, merge, outer), steps,
                                          []).fit(models[rank]))
     anchors: list[torch.Tensor] = []
-    streaming_diloco(period, 6, parts, offs, overlap, merge, "sgd", 0.7, 0.6, True, anchors=anchors)
+    streaming_diloco(period, steps, parts, offs, overlap, merge, "sgd", 0.7, 0.6, True, anchors=anchors)
     for model in models:
         torch.testing.assert_close(flat_params(model).double(), anchors[0], atol=3e-6, rtol=1e-5)
 
