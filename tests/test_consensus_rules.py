@@ -77,6 +77,27 @@ def _fit(make, steps, models, val_every=None, callbacks=(), sanity=0, logger=Fal
     return run_threaded(world, rank_fn)
 
 
+class Floor(TinyModel):
+    """A float buffer with a by-design -inf entry (as a running minimum starts) next to one that differs between
+    ranks (rank + step)."""
+
+    def __init__(self) -> None:
+        super().__init__(bn=False)
+        self.register_buffer("floor", torch.tensor([float("-inf"), 0.0]))
+
+    def training_step(self, batch, batch_idx):
+        self.floor[1] = float(self.global_rank + self.trainer.global_step)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_buffers_by_design_non_finite_entries_are_averaged_not_refused():
+    """The buffer differs between ranks, so a sync averages it; its -inf was there from the start (the buffer
+    rules), so no rank is judged non-finite: the -inf stays and the other entry becomes the ranks' mean."""
+    runs = _fit(lambda: LocalSGDStrategy(period=2), 4, [Floor(), Floor()])
+    for _, model, _, _ in runs:  # after step 4: ranks wrote 0 + 3 and 1 + 3
+        assert model.floor[0] == float("-inf") and model.floor[1] == 3.5
+
+
 @pytest.mark.parametrize("average_buffers", [True, False])
 def test_a_sync_averages_float_buffers_and_takes_integer_buffers_from_rank_0(average_buffers):
     runs = _fit(lambda: BufferRecording(period=3, average_buffers=average_buffers), 6, [Counted(), Counted()])

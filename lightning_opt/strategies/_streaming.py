@@ -159,14 +159,14 @@ class FragmentStream:
                 a = a.to(x.dtype)
                 x.copy_(a) if self.mix == 1.0 else x.lerp_(a, self.mix)
 
-    @torch.no_grad()
     def _outer_step(self, p: int, anchors: list[Tensor], arrived: Arrived) -> None:
         opt, frag = self._optimizer(p, anchors)
         grads = [torch.empty_like(a) for a in frag]
-        unflatten_into(arrived.mean(), grads)
-        for a, g in zip(frag, grads):
-            a.grad = g
-        opt.step()
+        with torch.no_grad():  # a context, not a decorator: mutmut skips decorated functions (docs/TESTING.md)
+            unflatten_into(arrived.mean(), grads)
+            for a, g in zip(frag, grads):
+                a.grad = g
+            opt.step()
         for a in frag:
             a.grad = None
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_opt._tensors import accumulation_copy, accumulation_dtype
 from lightning_opt._validation import check_float
@@ -75,7 +74,6 @@ class EASGDStrategy(PeriodicSyncStrategy):
         return self.beta / self.world
 
     # ------------------------------------------------------------------ centre
-    @override
     def _before_local_step(self, idx: int, step: int) -> None:
         if idx not in self._center:
             # A collective, reached by every rank at the same step; equal to x_0 when ranks start identical.
@@ -83,14 +81,12 @@ class EASGDStrategy(PeriodicSyncStrategy):
             means = self._world_mean(params, "parameters", step)
             self._center[idx] = [m.to(accumulation_dtype(p.dtype)).clone() for m, p in zip(means, params)]
 
-    @override
     def _params_changed(self, idx: int, old: list[Tensor], new: list[Tensor]) -> None:
         # A parameter that joins mid-fit (frozen until then, so identical on every rank) is its own centre.
         if idx in self._center:
             self._center[idx] = realign(self._center[idx], old, new, accumulation_copy)
 
     # ------------------------------------------------------------------ sync
-    @override
     def _sync(self, idx: int, step: int) -> None:
         params = self._opt_params(idx)
         center = self._center[idx]
@@ -123,7 +119,6 @@ class EASGDStrategy(PeriodicSyncStrategy):
         self._log_metrics({"easgd/center_step_norm": self.last_center_step_norm, **self.comm_stats})
 
     # ------------------------------------------------------------------ consensus
-    @override
     def _consensus(self) -> list[Tensor]:
         """The centre for the parameters it covers; float buffers: world mean; integer buffers: local."""
         by_id = {id(p): c for idx, centers in self._center.items()

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from typing_extensions import override
 
 from lightning_opt._tensors import accumulation_copy, accumulation_dtype
 from lightning_opt._validation import check_bool, check_choice, check_float, check_int, invalid
@@ -106,13 +105,11 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
     def uses_outer(self) -> bool:
         return self.streams or not (self.outer_lr == 1.0 and self.outer_momentum == 0.0)
 
-    @override
     def _before_local_step(self, idx: int, step: int) -> None:
         # The anchor is where local training starts: the initial (or post-warmup) weights.
         if self.uses_outer and idx not in self._anchor:
             self._anchor[idx] = [accumulation_copy(p) for p in self._opt_params(idx)]
 
-    @override
     def _params_changed(self, idx: int, old: list[Tensor], new: list[Tensor]) -> None:
         if self.streams and idx in self._anchor:
             raise ValueError("LocalSGDStrategy: the optimizer's parameters changed mid-fit; the streamed path "
@@ -125,7 +122,6 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
             self._momentum[idx] = realign(self._momentum[idx], old, new,
                                           lambda p: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)))
 
-    @override
     def _sync(self, idx: int, step: int) -> None:
         params = self._opt_params(idx)
         if not is_dist() and not self.uses_outer:
@@ -152,7 +148,6 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         torch._foreach_add_(anchor, direction, alpha=-self.outer_lr)
         return anchor
 
-    @override
     def _consensus(self) -> list[Tensor]:
         values = super()._consensus()
         if not self.uses_outer:
@@ -162,7 +157,6 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         return [by_id[id(t)].to(t.dtype) if id(t) in by_id else v for t, v in zip(self._module_tensors(), values)]
 
     # ------------------------------------------------------------------ the streamed path
-    @override
     def _sync_if_due(self, idx: int, step: int) -> bool:
         if not self.streams:
             return super()._sync_if_due(idx, step)
@@ -203,14 +197,12 @@ class LocalSGDStrategy(PeriodicSyncStrategy):
         for idx, saved in state.items():
             self._stream(int(idx)).load_state_dict(saved, self.rank, self.world)
 
-    @override
     def on_train_end(self) -> None:
         for idx, stream in self._streams.items():  # what is in flight reaches the anchors, so the consensus
             stream.flush(self._anchor[idx], self.nonfinite)
         super().on_train_end()
 
     @property
-    @override
     def steps_to_next_sync(self) -> int | str:
         if not self.streams or 0 not in self._streams:
             return super().steps_to_next_sync

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_opt._validation import check_choice, check_float, invalid
 from lightning_opt.distributed import broadcast_flat
@@ -92,7 +91,6 @@ class LookaheadStrategy(LocalSGDStrategy):
         paper Cor. 5.4: s < 1/((1 − α)L⁻)), else 1 (Local SGD's Thm 6.7, the smaller bound)."""
         return 1.0 - self.alpha if self.mode == "sync" or self.world == 1 else 1.0
 
-    @override
     def _sync(self, idx: int, step: int) -> None:
         params = self._opt_params(idx)
         if self.mode == "local":

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_opt._validation import check_choice, check_float, check_int, invalid
 from lightning_opt.distributed import all_gather_vector, broadcast_flat, is_dist
@@ -107,7 +106,6 @@ class LSGDStrategy(PeriodicSyncStrategy):
         return self.eval_weights == "local"
 
     # ------------------------------------------------------------------ groups
-    @override
     def setup_environment(self) -> None:
         super().setup_environment()
         self._resolved_group_size()  # world-size checks at setup, not at the first sync
@@ -137,7 +135,6 @@ class LSGDStrategy(PeriodicSyncStrategy):
                     self._my_group = group
 
     # ------------------------------------------------------------------ scores
-    @override
     def _after_inner_step(self, idx: int, step: int, output: Any) -> None:
         if idx != 0:
             return
@@ -167,7 +164,6 @@ class LSGDStrategy(PeriodicSyncStrategy):
         return ranks[int(torch.argmin(sub))]  # first minimum: ties go to the lowest rank
 
     # ------------------------------------------------------------------ sync
-    @override
     def _sync(self, idx: int, step: int) -> None:
         self._ensure_groups()
         tensors = self._pulled_tensors()
@@ -233,7 +229,6 @@ class LSGDStrategy(PeriodicSyncStrategy):
         self._log_metrics({**info, **self.comm_stats})
 
     # ------------------------------------------------------------------ consensus
-    @override
     def _consensus(self) -> list[Tensor]:
         if self.eval_weights == "center":
             return super()._consensus()

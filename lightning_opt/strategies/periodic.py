@@ -36,7 +36,6 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
-from typing_extensions import override
 
 from lightning_opt._ownership import RankLocal
 from lightning_opt._trainer_steps import log_scalars, logs_this_step
@@ -141,12 +140,10 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         return self.clock.warmup_steps
 
     # ------------------------------------------------------------------ setup and teardown
-    @override
     def _configure_launcher(self) -> None:
         self._launch_record.before_launch()
         super()._configure_launcher()
 
-    @override
     def setup_environment(self) -> None:
         created_group = not (dist.is_available() and dist.is_initialized())
         super().setup_environment()
@@ -155,14 +152,12 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
                                    and type(self.cluster_environment).__name__ == "LightningEnvironment"))
         self._launch_record.after_group_setup(created_group, self.world_size, started_by_launcher)
 
-    @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
         self._undo_sigterm = broadcast_sigterm_only_when(trainer, lambda: self.clock.next_step_communicates(
             len(self.optimizers), self.average_gradients_every_step))
         super().setup(trainer)
 
-    @override
     def configure_ddp(self) -> None:
         """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
         self._check_supported()
@@ -170,7 +165,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
             broadcast_flat(self._module_tensors(), src=0, cap_mb=self.bucket_cap_mb)
         self._buffer_rules.reset(self.lightning_module)
 
-    @override
     def teardown(self) -> None:
         for summer in self._grad_sums.values():
             summer.remove()
@@ -182,7 +176,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         self._launch_record.undo()
 
     @property
-    @override
     def restore_checkpoint_after_setup(self) -> bool:
         # Restore after `configure_ddp`'s broadcast, so each rank's local weights survive a resume.
         return True
@@ -198,7 +191,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         return float(self.optimizers[idx].param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ step counting
-    @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
         idx = self._opt_index(optimizer)
@@ -276,18 +268,15 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
             torch._foreach_copy_(self._module_tensors(), self._stash)
         self._stash = None
 
-    @override
     def on_validation_start(self) -> None:
         super().on_validation_start()
         if self._fitting():
             self._swap_in_consensus()
 
-    @override
     def on_validation_end(self) -> None:
         self._swap_back()
         super().on_validation_end()
 
-    @override
     def on_train_end(self) -> None:
         # `trainer.fit` hands back the consensus model (training is over, so the trajectory is unaffected).
         if not self._in_sync:
@@ -297,7 +286,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         super().on_train_end()
 
     # ------------------------------------------------------------------ checkpoints
-    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = self.lightning_module.state_dict()
         if self._in_sync or not self._fitting():
@@ -311,7 +299,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
                 state[name] = c
         return state
 
-    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Collective on every rank (as ``Trainer.save_checkpoint`` calls it): gathers each rank's local weights
         and optimizer states into the checkpoint that rank 0 writes."""
@@ -320,7 +307,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
                                 "strategy_name": self.strategy_name, "strategy_repr": repr(self)}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
-    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         try:
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
@@ -340,7 +326,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
             return None
         return self._restored.entry_for(self.rank, self.world, warn)
 
-    @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         super().load_model_state_dict(checkpoint, strict=strict)
         if self._restored is None or not self._fitting():
@@ -355,7 +340,6 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         # Every rank holds the saved consensus, or its own weights (in sync if they were when saved).
         self._settle(entry is None or (saved is not None and bool(saved["in_sync"])))
 
-    @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         entry = self._own_entry()
         if entry is not None and entry.get("optimizer_states") is not None:
