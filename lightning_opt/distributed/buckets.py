@@ -94,13 +94,13 @@ def rides_with(trailer: Tensor, dtype: torch.dtype, device: torch.device) -> boo
             and torch.promote_types(dtype, trailer.dtype) == dtype)
 
 
-@torch.no_grad()
 def write_back(buckets: list[tuple[list[int], Tensor]], tensors: Sequence[Tensor], scale: float = 1.0) -> None:
     """Write reduced buckets back into ``tensors``, multiplied by ``scale`` (e.g. 1/world for a mean)."""
-    for idx, flat in buckets:
-        if scale != 1.0:
-            flat.mul_(scale)
-        unflatten_into(flat, [tensors[i] for i in idx])
+    with torch.no_grad():  # not a decorator: mutmut skips decorated functions
+        for idx, flat in buckets:
+            if scale != 1.0:
+                flat.mul_(scale)
+            unflatten_into(flat, [tensors[i] for i in idx])
 
 
 def broadcast_flat(

@@ -102,7 +102,6 @@ class StochasticINGD(ClipOptimizerBase):
         """Whether the parameters hold the iterate :math:`x` now (rather than the oracle point :math:`y`)."""
         return self._swapped
 
-    @torch.no_grad()
     def swap_in_iterate(self) -> None:
         """Put the iterate :math:`x` into the parameters; keep :math:`y` in ``state[p]["y"]``."""
         if self._swapped:
@@ -113,10 +112,10 @@ class StochasticINGD(ClipOptimizerBase):
                 if not st or "x" not in st:
                     continue  # never stepped: x == y == the parameter
                 st["y"] = p.detach().clone()
-                p.copy_(st["x"])
+                with torch.no_grad():  # contexts, not decorators: mutmut skips decorated functions
+                    p.copy_(st["x"])
         self._swapped = True
 
-    @torch.no_grad()
     def swap_out_iterate(self) -> None:
         """Put :math:`y` back into the parameters (bit-exact) after :meth:`swap_in_iterate`."""
         if not self._swapped:
@@ -128,7 +127,8 @@ class StochasticINGD(ClipOptimizerBase):
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "y" in st:
-                    p.copy_(st.pop("y"))
+                    with torch.no_grad():
+                        p.copy_(st.pop("y"))
         self._swapped = False
 
     @contextlib.contextmanager
