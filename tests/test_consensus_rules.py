@@ -131,6 +131,19 @@ def test_validation_mid_period_sees_the_consensus_and_training_resumes_from_the_
             assert strategy.meter.eval_bytes > 0
 
 
+def test_easgd_validates_the_centre_with_the_mean_statistics():
+    """EASGD, τ = 4, validation after step 3 (before any elastic step): the parameters are the centre (still x₀),
+    the BN statistics the ranks' mean."""
+    x0 = flat_params(Counted())
+    runs = _fit(lambda: EASGDStrategy(period=4, beta=0.43), 4, [Counted(), Counted()], val_every=3)
+    bn = [rec.bn[2] for _, _, rec, _ in runs]
+    for r, (_, model, rec, _) in enumerate(runs):
+        params, mean = model.seen[0]
+        torch.testing.assert_close(params, x0, atol=0, rtol=0)
+        torch.testing.assert_close(mean, (bn[0] + bn[1]) / 2, atol=1e-7, rtol=0)
+        assert not torch.equal(rec.params[2], x0)  # training went on from the local weights
+
+
 def test_validation_right_after_a_sync_needs_no_collective():
     """Nor does the sanity check before the first step: every rank starts from rank 0's weights."""
     runs = _fit(lambda: LocalSGDStrategy(period=3), 6, [Counted(), Counted()], val_every=3, sanity=1)
