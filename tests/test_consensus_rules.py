@@ -137,7 +137,7 @@ def test_easgd_validates_the_centre_with_the_mean_statistics():
     x0 = flat_params(Counted())
     runs = _fit(lambda: EASGDStrategy(period=4, beta=0.43), 4, [Counted(), Counted()], val_every=3)
     bn = [rec.bn[2] for _, _, rec, _ in runs]
-    for r, (_, model, rec, _) in enumerate(runs):
+    for _, model, rec, _ in runs:
         params, mean = model.seen[0]
         torch.testing.assert_close(params, x0, atol=0, rtol=0)
         torch.testing.assert_close(mean, (bn[0] + bn[1]) / 2, atol=1e-7, rtol=0)
