@@ -114,6 +114,28 @@ def test_a_sync_averages_float_buffers_and_takes_integer_buffers_from_rank_0(ave
                 torch.testing.assert_close(post[name], want, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("make,synced", [
+    (lambda: LocalSGDStrategy(period=4, fragments=2), (4, 8)),  # streamed: with the last fragment only
+    (lambda: LookaheadStrategy(period=3, alpha=0.3, mode="local"), (3, 6)),
+], ids=["streamed", "lookahead_local"])
+def test_local_modes_average_the_bn_statistics_once_per_period(make, synced):
+    runs = _fit(make, 8, [Counted(), Counted()])
+    (_, _, rec0, _), (_, _, rec1, _) = runs
+    for step in range(1, 9):
+        same = torch.equal(rec0.bn[step - 1], rec1.bn[step - 1])
+        assert same == (step in synced), step
+
+
+def test_a_streamed_sync_that_replaces_the_whole_model_needs_no_evaluation_collective():
+    """One fragment, no overlap, merge 1 (low precision makes it the streamed path): after the sync every rank
+    holds the anchors, so validation there builds no consensus; with two fragments it must."""
+    whole = _fit(lambda: LocalSGDStrategy(period=3, comm_dtype="bfloat16"), 3, [Counted(), Counted()], val_every=3)
+    split = _fit(lambda: LocalSGDStrategy(period=3, fragments=3, comm_dtype="bfloat16"), 3, [Counted(), Counted()],
+                 val_every=3)
+    assert [s.meter.eval_bytes for s, *_ in whole] == [0, 0]
+    assert all(s.meter.eval_bytes > 0 for s, *_ in split)
+
+
 def test_validation_mid_period_sees_the_consensus_and_training_resumes_from_the_local_weights():
     """τ = 4, validation after steps 3 and 6 (neither a sync): both ranks validate the mean of their weights and
     BN statistics; the next step starts from each rank's own weights; the consensus traffic is booked as

@@ -68,7 +68,10 @@ def _steps_with_collectives(counted, make_strategy, steps: int) -> list[list[int
     (lambda: LocalSGDStrategy(period=3, outer_lr=0.7, outer_momentum=0.6), [1, 3, 6, 9]),
     (lambda: LSGDStrategy(period=5, pull=0.3), [1, 5, 10]),
     (lambda: LookaheadStrategy(period=4, mode="local"), [1, 4, 8]),
-], ids=["local_sgd_warmup", "local_sgd_outer", "lsgd", "lookahead_local"])
+    # streamed, P = 2 of τ = 4: fragment 0 sends after steps 2, 6, 10 and fragment 1 after 4, 8; the SIGTERM flag
+    # follows the clock's periods of 4 (steps 1, 4, 8)
+    (lambda: LocalSGDStrategy(period=4, fragments=2), [1, 2, 4, 6, 8, 10]),
+], ids=["local_sgd_warmup", "local_sgd_outer", "lsgd", "lookahead_local", "streamed"])
 def test_only_steps_that_sync_or_average_communicate(counted, make, expected):
     assert _steps_with_collectives(counted, make, 10) == [expected, expected]
 

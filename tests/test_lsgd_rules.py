@@ -159,6 +159,8 @@ def test_one_process_per_node_makes_singleton_groups_and_a_global_pull_every_sec
         torch.testing.assert_close(s0.post[k].double(), s0.pre[k].double() - 0.25 * (s0.pre[k].double() - lead),
                                    atol=1e-6, rtol=0)
         assert torch.equal(s1.post[k], s1.pre[k])  # the leader stays
+    # every sync gathers the scores (2 flags + 2 scores); only the global pulls broadcast the leader (129 floats)
+    assert s0.meter.bytes == 4 * 4 * 4 + 2 * 129 * 4
 
 
 def test_a_group_size_that_does_not_divide_the_world_fails_at_setup():
