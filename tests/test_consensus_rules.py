@@ -117,8 +117,10 @@ def test_a_sync_averages_float_buffers_and_takes_integer_buffers_from_rank_0(ave
 @pytest.mark.parametrize("make,synced", [
     (lambda: LocalSGDStrategy(period=4, fragments=2), (4, 8)),  # streamed: with the last fragment only
     (lambda: LookaheadStrategy(period=3, alpha=0.3, mode="local"), (3, 6)),
-], ids=["streamed", "lookahead_local"])
-def test_local_modes_average_the_bn_statistics_once_per_period(make, synced):
+    # averaged steps broadcast the buffers from rank 0 after every step, as DDP does before every forward
+    (lambda: LookaheadStrategy(period=3, alpha=0.3, mode="sync"), tuple(range(1, 9))),
+], ids=["streamed", "lookahead_local", "lookahead_sync"])
+def test_when_each_mode_makes_the_bn_statistics_agree(make, synced):
     runs = _fit(make, 8, [Counted(), Counted()])
     (_, _, rec0, _), (_, _, rec1, _) = runs
     for step in range(1, 9):
