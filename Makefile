@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # Mutation testing of strategies/, optim/ and stats/ against the in-process tests (outside `make test`; about
-# 15 min on 2 cores). Scores per module: docs/TESTING.md.
+# 40 min on 2 cores). Scores per module: docs/TESTING.md; the strategies' survivors: docs/MUTATION_SURVIVORS.md.
 mutate: $(STAMP)
 	rm -rf mutants
 	$(BIN)/mutmut run --max-children 2
