@@ -259,6 +259,29 @@ def test_easgd_three_workers_elastic_step():
         torch.testing.assert_close(flat_params(model).double(), center, atol=1e-6, rtol=0)  # fit hands back x̃
 
 
+def test_easgd_drop_leaves_the_bad_worker_out_of_the_centre_and_resets_it_there():
+    """N = 2, β = 0.43 (α = β / 2), rank 1 NaN after step 4: at the sync after step 6 the centre moves by
+    α (x₀ − x̃) only, rank 0 takes its elastic step, and rank 1 restarts from the new centre with its optimizer
+    state cleared."""
+    alpha = 0.43 / 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = _fit_ranks(2, lambda: recording(EASGDStrategy)(period=3, beta=0.43, nonfinite="drop"), 6,
+                          models=[TinyModel(bn=False, momentum=0.9) for _ in range(2)],
+                          callbacks=[PoisonWeights(rank=1, step=4)])
+    (s0, m0, _), (s1, m1, _) = runs
+    x0 = flat_params(TinyModel(bn=False)).double()
+    center = x0 + alpha * sum(s.pre[0].double() - x0 for s in (s0, s1))  # after the first sync (step 3)
+    healthy = s0.pre[1].double()
+    new_center = center + alpha * (healthy - center)
+    torch.testing.assert_close(s0.post[1].double(), healthy - alpha * (healthy - center), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s1.post[1].double(), new_center, atol=1e-6, rtol=0)
+    assert m1.trainer.optimizers[0].state == {} and len(m0.trainer.optimizers[0].state) > 0
+    assert [str(w.message) for w in caught if "non-finite" in str(w.message)] == [
+        "rank 1: non-finite parameters at optimizer step 6; excluded from the average and reset to the consensus "
+        "(its optimizer state is cleared)"]
+
+
 def test_a_failing_rank_never_hangs_the_others():
     """The harness itself: rank 0 fails before a collective that rank 1 waits in; rank 1 is woken after the grace
     period and the failure reaches the test as rank 0's exception."""
