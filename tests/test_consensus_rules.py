@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 from scripts._common import CaptureLogger, Recorder, TinyModel, TwoOptimizers, flat_params, pl, recording
-from threaded import RankError, ThreadRank, run_threaded
+from threaded import RankError, run_threaded
+from threaded import trainer as threaded_trainer
 
 from lightning_opt.strategies import EASGDStrategy, LocalSGDStrategy, LookaheadStrategy
 from lightning_opt.strategies.errors import NonFiniteError
@@ -63,14 +64,9 @@ def _fit(make, steps, models, val_every=None, callbacks=(), sanity=0, logger=Fal
 
     def rank_fn(rank):
         strategy, rec = make(), Recorder()
-        strategy.cluster_environment = ThreadRank(rank, world)
-        validation = {"val_check_interval": val_every, "limit_val_batches": 1} if val_every else {
-            "limit_val_batches": 0}
-        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=steps,
-                             callbacks=[rec, *callbacks], use_distributed_sampler=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=sanity,
-                             logger=CaptureLogger() if logger else False, log_every_n_steps=1,
-                             enable_checkpointing=False, **validation)
+        validation = {"val_check_interval": val_every, "limit_val_batches": 1} if val_every else {}
+        trainer = threaded_trainer(world, rank, strategy, steps, [rec, *callbacks], num_sanity_val_steps=sanity,
+                                   logger=CaptureLogger() if logger else False, log_every_n_steps=1, **validation)
         trainer.fit(models[rank])
         return strategy, models[rank], rec, trainer
 

@@ -11,8 +11,7 @@ import warnings
 import pytest
 import torch
 from scripts._common import CaptureLogger, Recorder, TinyModel, recording
-from scripts._common import trainer as scripts_trainer
-from threaded import RankError, ThreadRank, run_threaded
+from threaded import RankError, ThreadRank, run_threaded, trainer
 
 from lightning_opt.strategies import LSGDStrategy
 
@@ -38,16 +37,14 @@ class PerNode(ThreadRank):
         return self._rank
 
 
-def _fit(make, steps, models, world=2, env=ThreadRank, **trainer_kw):
+def _fit(make, steps, models, world=2, **trainer_kw):
     """Per rank: (strategy, model, recorder, rank 0's CaptureLogger or None)."""
 
     def rank_fn(rank):
         strategy, rec = make(), Recorder()
-        strategy.cluster_environment = env(rank, world)
         logger = CaptureLogger() if rank == 0 else False
-        devices = 1 if env is PerNode else world
-        scripts_trainer(strategy, max_steps=steps, callbacks=[rec], devices=devices, logger=logger,
-                        log_every_n_steps=1, **trainer_kw).fit(models[rank])
+        trainer(world, rank, strategy, steps, [rec], logger=logger, log_every_n_steps=1,
+                **trainer_kw).fit(models[rank])
         return strategy, models[rank], rec, logger or None
 
     return run_threaded(world, rank_fn)
@@ -149,7 +146,7 @@ def test_one_process_per_node_makes_singleton_groups_and_a_global_pull_every_sec
     toward the global leader with ``global_pull`` = ``pull`` = 0.25."""
     make = recording(LSGDStrategy)
     runs = _fit(lambda: make(period=2, pull=0.25, leader_window=2), 8, [Offset(bn=False), Offset(bn=False)],
-                env=PerNode, num_nodes=2)
+                env=PerNode, devices=1, num_nodes=2)
     (s0, *_), (s1, *_) = runs
     assert s0.history[0]["leader"] == 1 and len(s0.history) == 4
     for k in (0, 2):

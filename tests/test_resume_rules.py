@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 from scripts._common import TinyModel, flat_params, pl
-from threaded import ThreadRank, run_threaded
+from scripts._common import trainer as scripts_trainer
+from threaded import run_threaded, trainer
 
 from lightning_opt.strategies import LocalSGDStrategy
 from lightning_opt.strategies._checkpoint import CKPT_KEY
@@ -34,15 +35,9 @@ class Starts(TinyModel):
             self.momenta.append(torch.cat([state[p]["momentum_buffer"].reshape(-1) for p in self.parameters()]))
 
 
-def _trainer(steps: int, **kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", max_steps=steps, use_distributed_sampler=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, logger=False,
-                      enable_checkpointing=False, **kw)
-
-
 def test_a_single_device_checkpoint_resumes_on_every_rank(tmp_path):
     path = tmp_path / "single.ckpt"
-    single = _trainer(3, devices=1)
+    single = scripts_trainer("auto", max_steps=3, devices=1)
     single.fit(Starts())
     single.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)
@@ -53,9 +48,7 @@ def test_a_single_device_checkpoint_resumes_on_every_rank(tmp_path):
 
     def rank_fn(rank: int):
         strategy = LocalSGDStrategy(period=2)
-        strategy.cluster_environment = ThreadRank(rank, 2)
-        trainer = _trainer(5, devices=2, strategy=strategy)
-        trainer.fit(models[rank], ckpt_path=path)
+        trainer(2, rank, strategy, 5, []).fit(models[rank], ckpt_path=path)
         return strategy.clock.steps
 
     with warnings.catch_warnings(record=True) as caught:
@@ -106,9 +99,7 @@ def test_a_mid_period_checkpoint_holds_the_consensus_and_every_ranks_own_state(t
     models, tallies = [Starts(), Starts()], [Tally(), Tally()]
 
     def first(rank: int):
-        strategy = LocalSGDStrategy(period=4)
-        strategy.cluster_environment = ThreadRank(rank, 2)
-        _trainer(4, devices=2, strategy=strategy, callbacks=[tallies[rank], SaveAfter(3, path)]).fit(models[rank])
+        trainer(2, rank, LocalSGDStrategy(period=4), 4, [tallies[rank], SaveAfter(3, path)]).fit(models[rank])
 
     run_threaded(2, first)
     saved = torch.load(path, weights_only=False)
@@ -124,9 +115,7 @@ def test_a_mid_period_checkpoint_holds_the_consensus_and_every_ranks_own_state(t
     resumed, tallies = [Starts(), Starts()], [Tally(), Tally()]
 
     def second(rank: int):
-        strategy = LocalSGDStrategy(period=4)
-        strategy.cluster_environment = ThreadRank(rank, 2)
-        _trainer(4, devices=2, strategy=strategy, callbacks=[tallies[rank]]).fit(resumed[rank], ckpt_path=path)
+        trainer(2, rank, LocalSGDStrategy(period=4), 4, [tallies[rank]]).fit(resumed[rank], ckpt_path=path)
 
     run_threaded(2, second)
     for rank in range(2):

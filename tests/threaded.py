@@ -177,7 +177,10 @@ class RankError(Exception):
         self.errors = errors
 
 
-def trainer(world: int, rank: int, strategy: Any, steps: int, callbacks: list[Any]) -> Any:
-    """A Trainer for rank ``rank`` of a threaded run of ``strategy`` (the test scripts' Trainer settings)."""
-    strategy.cluster_environment = ThreadRank(rank, world)
-    return scripts_trainer(strategy, max_steps=steps, callbacks=callbacks, devices=world)
+def trainer(world: int, rank: int, strategy: Any, steps: int, callbacks: list[Any], env: type = None,
+            **kw: Any) -> Any:
+    """A Trainer for rank ``rank`` of a threaded run of ``strategy`` (the test scripts' Trainer settings, ``kw``
+    overriding them; ``env``: the cluster environment class, default :class:`ThreadRank`)."""
+    strategy.cluster_environment = (env or ThreadRank)(rank, world)
+    kw.setdefault("devices", world)
+    return scripts_trainer(strategy, max_steps=steps, callbacks=callbacks, **kw)

@@ -165,12 +165,13 @@ WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 2))
 
 
 def trainer(strategy, max_steps: int = 12, callbacks=(), devices: int = WORLD_SIZE, **kw) -> pl.Trainer:
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
+    """The test scripts' Trainer: quiet, unsharded, no validation, logging or checkpoints unless ``kw`` asks."""
+    for key, value in {"logger": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
+                       "limit_val_batches": 0}.items():
+        kw.setdefault(key, value)
     return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy,
                       max_steps=max_steps, callbacks=list(callbacks), use_distributed_sampler=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, **kw)
+                      enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
 def rank() -> int:
