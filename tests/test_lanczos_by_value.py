@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_opt.stats.hvp import HessianVectorProduct, flat_to_tensors, trainable_named_parameters
-from lightning_opt.stats.lanczos import lanczos_extreme_eigs, power_iteration
+from lightning_opt.stats.lanczos import _keep_claims, _Ritz, lanczos_extreme_eigs, power_iteration
 
 MARGIN, RESIDUAL = 4.0, 3.0  # the docstring's t/4 and 3t
 
@@ -274,7 +274,7 @@ def test_lanczos_and_power_iteration_argument_ranges():
              ({"max_iter": 0}, _msg("max_iter", 0, "an int with max_iter >= 1")),
              ({"tol": 1.0}, _msg("tol", 1.0, "a finite number with tol in (0, 1)")),
              ({"tol": 0.0}, _msg("tol", 0.0, "a finite number with tol in (0, 1)")),
-             ({"which": "mid"}, "which"),
+             ({"which": "mid"}, _msg("which", "mid", "one of 'both', 'max', 'min'")),
              ({"warm_noise": 1.5}, _msg("warm_noise", 1.5, "a finite number with warm_noise in [0, 1]")),
              ({"min_iter": 0}, _msg("min_iter", 0, "an int with min_iter >= 1")),
              ({"floor": 1.0}, _msg("floor", 1.0, "a finite number with floor in [0, 1)")),
@@ -427,6 +427,17 @@ def test_hvp_matches_the_analytic_hessian(method, dtype):
         op(torch.zeros(11))  # nothing retained: still usable
 
 
+@pytest.mark.parametrize("method", ["double_backward", "func"])
+def test_hvp_of_a_loss_linear_in_every_parameter_is_zero(method):
+    """A linear model's loss (here the ``e`` term of ``poly_loss`` alone): no gradient depends on a parameter,
+    so the Hessian is zero, not an error."""
+    m = Poly()
+    op = HessianVectorProduct(m, lambda mod: (mod.d * mod.e).sum(), method=method)
+    assert op.dim == 11
+    torch.testing.assert_close(op.gradient(), torch.tensor([0.0] * 9 + [0.6, 1.4], dtype=torch.float64))
+    assert torch.equal(op(torch.linspace(-1, 1, 11, dtype=torch.float64)), torch.zeros(11, dtype=torch.float64))
+
+
 def test_hvp_dtype_argument_and_no_reduce():
     m = Poly(torch.float32)
     op = HessianVectorProduct(m, poly_loss, dtype=torch.float64)
@@ -447,7 +458,8 @@ def test_hvp_errors_name_what_is_wrong():
     with pytest.raises(ValueError, match=_msg("method", "jvp", "one of 'double_backward', 'func'")):
         HessianVectorProduct(m, poly_loss, method="jvp")
     frozen = nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(ValueError, match=re.escape("`module` has no trainable parameters (requires_grad=True)")):
+    no_params = "^" + re.escape("`module` has no trainable parameters (requires_grad=True)") + "$"
+    with pytest.raises(ValueError, match=no_params):
         HessianVectorProduct(frozen, poly_loss)
     with pytest.raises(ValueError, match=re.escape("`loss_fn` must return a scalar tensor, got Tensor(2,)")):
         HessianVectorProduct(m, lambda mod: mod.u * 2)
@@ -462,3 +474,30 @@ def test_hvp_errors_name_what_is_wrong():
                                                                    torch.zeros(3, 1)])
     assert parts[0].dtype == torch.float16 and parts[1].shape == (3, 1) and parts[1].dtype == torch.float32
     assert parts[1].reshape(-1).tolist() == [2.0, 3.0, 4.0]
+
+
+def _ritz_at(theta_min: float, theta_max: float, conv: dict[str, bool]) -> _Ritz:
+    return _Ritz(theta=torch.tensor([theta_min, theta_max], dtype=torch.float64), s=torch.eye(2, dtype=torch.float64),
+                 res=[0.0, 0.0], scale=abs(theta_max), errs={"max": 0.0, "min": 0.0},
+                 targets={"max": 0.5, "min": 0.25}, conv=dict(conv))
+
+
+def test_a_claim_holds_until_its_value_moves_by_more_than_its_target():
+    """Once an end passes, it stays converged while its Ritz value moves by at most its target (exactly the
+    target included) even when this step's test fails; a larger move withdraws the claim."""
+    claims: dict[str, float] = {}
+    r = _ritz_at(-1.0, 4.0, {"max": True, "min": False})
+    _keep_claims(r, claims)
+    assert claims == {"max": 4.0} and r.conv == {"max": True, "min": False}
+    r = _ritz_at(-1.25, 4.5, {"max": False, "min": True})  # max moved by exactly its target 0.5
+    _keep_claims(r, claims)
+    assert claims == {"max": 4.0, "min": -1.25} and r.conv == {"max": True, "min": True}
+    r = _ritz_at(-1.5, 4.5, {"max": False, "min": False})  # min moved by its target 0.25: kept
+    _keep_claims(r, claims)
+    assert claims == {"max": 4.0, "min": -1.25} and r.conv == {"max": True, "min": True}
+    r = _ritz_at(-1.75, 4.75, {"max": False, "min": False})  # both moved past their targets: withdrawn
+    _keep_claims(r, claims)
+    assert claims == {} and r.conv == {"max": False, "min": False}
+    r = _ritz_at(-1.75, 5.0, {"max": True, "min": False})  # a new pass is claimed at its current value
+    _keep_claims(r, claims)
+    assert claims == {"max": 5.0}

@@ -113,6 +113,20 @@ def test_ingd_swap_iterate_roundtrip_and_guards():
     assert not all(torch.equal(p.detach(), opt.state[p]["x"]) for p in params)
 
 
+def test_ingd_swap_iterate_passes_over_a_parameter_that_never_stepped():
+    """A parameter without a gradient yet (a frozen or not-yet-used layer) before the trained ones: it keeps its
+    value, and every later parameter still swaps to its iterate x."""
+    frozen, params = torch.nn.Parameter(torch.ones(3)), new_params()
+    opt = StochasticINGD([frozen, *params], lr=0.5, seed=1)
+    advance(params, opt, range(3))
+    before = frozen.detach().clone()
+    with opt.swap_iterate():
+        assert torch.equal(frozen.detach(), before)
+        for p in params:
+            assert torch.equal(p.detach(), opt.state[p]["x"])
+    assert not opt.state.get(frozen)
+
+
 def test_ingd_checkpoint_taken_while_swapped_in_resumes_exactly():
     """A checkpoint whose model weights are x (saved inside swap_iterate) resumes the y-trajectory."""
     params = new_params()

@@ -344,3 +344,33 @@ def test_no_warning_for_finite_steps():
         p.grad = torch.ones(2)
         opt.step()
     assert opt.nonfinite_steps == 0 and opt.steps == 1
+
+
+@pytest.mark.parametrize("cls, kwargs", [(ClippedSGD, dict(lr=0.1, max_norm=0.5, scope="coordinate")),
+                                         (ACClip, dict()), (StochasticINGD, dict(seed=1))])
+def test_statistics_are_empty_before_the_first_step_and_work_buffers_are_kept(cls, kwargs):
+    """A callback may read ``last_stats`` before any step; the foreach paths reuse one buffer per parameter (a
+    fresh one only when the parameter's shape or dtype changes)."""
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    opt = cls([p], **kwargs)
+    assert opt.last_stats == {}
+    buf = opt._scratch([p])[0]
+    assert buf.shape == p.shape and buf.dtype == torch.float32
+    p.grad = torch.full_like(p, 0.3)
+    opt.step()
+    assert opt._scratch([p])[0] is buf
+    assert set(opt.last_stats) >= {"grad_norm", "skipped"}
+    for shape, dtype in (((4,), torch.float32), ((4,), torch.float64)):  # the shape changes, then the dtype alone
+        p.data = torch.ones(shape, dtype=dtype)
+        fresh = opt._scratch([p])[0]
+        assert fresh is not buf and fresh.shape == shape and fresh.dtype == dtype
+        buf = fresh
+
+
+def test_total_norm_skips_empty_lists_and_widens_to_float64():
+    from lightning_opt.optim._tensor_lists import total_norm
+
+    a, b = torch.tensor([3.0]), torch.tensor([4.0, 12.0], dtype=torch.float64)
+    assert total_norm([([], True), ([], False)]) is None
+    got = total_norm([([], True), ([a], True), ([], False), ([b], False)])
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(13.0, rel=1e-12)

@@ -328,3 +328,51 @@ def test_l0l1_fit_decay_range_and_state_without_decay():
     other.load_state_dict(state)
     assert other.decay == 0.9 and other.fit() == fit.fit()
     assert L0L1Fit().fit()[0] != L0L1Fit().fit()[0]  # NaN before the first point
+
+
+_DTYPES = {CesaroAverage: {"total": torch.float32, "count": torch.int64, "skipped": torch.int64},
+           WindowedAverage: {"buf": torch.float32, "ok": torch.bool, "skipped": torch.int64}}
+
+
+@pytest.mark.parametrize("make", [lambda: CesaroAverage(2, dtype=torch.float32),
+                                  lambda: WindowedAverage(3, 2, dtype=torch.float32)], ids=["cesaro", "windowed"])
+def test_accumulators_keep_their_dtypes_through_reset_and_a_foreign_state(make):
+    """Counts are int64 and masks bool from the start; a state saved with other dtypes (a float64 accumulator's,
+    int32 counts) is cast to this accumulator's on load."""
+    avg = make()
+    fields = _DTYPES[type(avg)]
+    assert {k: getattr(avg, k).dtype for k in fields} == fields
+    avg.update([1.0, math.nan])
+    avg.update(torch.tensor([3.0, 2.0], dtype=torch.float64))
+    foreign = {k: (v.double() if v.is_floating_point() else v.to(torch.int32)) if isinstance(v, torch.Tensor) else v
+               for k, v in avg.state_dict().items()}
+    other = make()
+    other.load_state_dict(foreign)
+    assert {k: getattr(other, k).dtype for k in fields} == fields
+    assert torch.equal(other.mean(), torch.tensor([2.0, 2.0])) and torch.equal(other.skipped, torch.tensor([0, 1]))
+
+
+_REFUSALS = [
+    (lambda: CesaroAverage(-1), "invalid shape=(-1,); expected an int or a sequence of non-negative ints"),
+    (lambda: CesaroAverage([2, -1]), "invalid shape=[2, -1]; expected an int or a sequence of non-negative ints"),
+    (lambda: WindowedAverage(2, "a"), "invalid shape='a'; expected an int or a sequence of non-negative ints"),
+    (lambda: CesaroAverage(True), "invalid shape=True; expected an int or a sequence of non-negative ints"),
+    (lambda: WindowedAverage(2, 1.5), "invalid shape=1.5; expected an int or a sequence of non-negative ints"),
+    (lambda: CesaroAverage(dtype=torch.int64), "invalid dtype=torch.int64; expected a floating-point torch dtype"),
+    (lambda: WindowedAverage(0), "invalid window=0; expected an int with window >= 1"),
+    (lambda: BatchMeansWindow(8, 1), "invalid n_batches=1; expected an int with n_batches >= 2"),
+    (lambda: BatchMeansWindow(3, 4), "invalid window=3; expected an int with window >= 4"),
+    (lambda: batch_means_ci([1.0] * 8, 1), "invalid n_batches=1; expected an int with n_batches >= 2"),
+    (lambda: batch_means_ci([1.0] * 8, 2, 1.5),
+     "invalid confidence=1.5; expected a finite number with confidence in (0, 1)"),
+    (lambda: student_t_abs_cdf(1.0, 0), "invalid df=0; expected an int with df >= 1"),
+    (lambda: L0L1Fit(decay=0.0), "invalid decay=0.0; expected a finite number with decay in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("call, message", _REFUSALS, ids=[m.split(";")[0] for _, m in _REFUSALS])
+def test_statistics_refusals_name_the_argument_value_and_range(call, message):
+    """The whole message: the argument, the value given and the accepted range (and the function called)."""
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value) == message

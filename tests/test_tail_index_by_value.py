@@ -499,8 +499,8 @@ def _invalid(owner, name, value, expected):
      _invalid("tail_index_mohammadi_ci", "block", 1, "None or an int with block >= 2")),
     (lambda: tail_index_hill(torch.ones(9), 9), _invalid("tail_index_hill", "k", 9,
                                                         "None or an int with 1 <= k < n = 9 samples")),
-    # the interval calls the point estimate first: its check names tail_index_hill
-    (lambda: tail_index_hill_ci(torch.ones(9), 0), _invalid("tail_index_hill", "k", 0,
+    # the interval checks k itself before the point estimate: the message names the function called
+    (lambda: tail_index_hill_ci(torch.ones(9), 0), _invalid("tail_index_hill_ci", "k", 0,
                                                         "None or an int with 1 <= k < n = 9 samples")),
 ])
 def test_argument_errors_name_the_function_argument_value_and_range(call, match):

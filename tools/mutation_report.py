@@ -49,6 +49,9 @@ def changed_line(path: str, mutant: str, functions: dict[str, str]) -> tuple[str
     orig = functions.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "")
     body = [f.splitlines()[1:] for f in (orig, functions.get(name, ""))]  # the def lines differ by name
     diff = [d for d in difflib.ndiff(*body) if d[:2] in ("- ", "+ ")]
+    if not diff:  # a default argument changed: compare the signatures without the names
+        heads = [f.split("\n", 1)[0].split("(", 1)[-1] for f in (orig, functions.get(name, ""))]
+        diff = [d for d in difflib.ndiff(*([h] for h in heads)) if d[:2] in ("- ", "+ ")]
     minus = next((d[2:].strip() for d in diff if d.startswith("- ")), "")
     plus = next((d[2:].strip() for d in diff if d.startswith("+ ")), "")
     return minus, plus

@@ -89,7 +89,7 @@ class ClipOptimizerBase(Optimizer):
     (the algorithm, on gradients known to be finite).
     """
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "skip") -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str) -> None:
         self.nonfinite: str = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES, owner=type(self).__name__)
         self._validate_group(defaults)
         self._steps = 0

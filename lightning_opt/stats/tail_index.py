@@ -267,8 +267,8 @@ def tail_index_hill_ci(
     """:func:`tail_index_hill` with a percentile bootstrap interval (observations resampled with replacement;
     bootstrap intervals of extreme-value statistics are only approximate for small n)."""
     _check_max_alpha("tail_index_hill_ci", max_alpha)
+    s, k = _hill_prepare("tail_index_hill_ci", x, k)  # first: a refusal names the function the user called
     alpha = tail_index_hill(x, k, max_alpha=max_alpha)
-    s, k = _hill_prepare("tail_index_hill_ci", x, k)
     n = s.numel()
     chunk = max(1, min(num_resamples, 4_000_000 // n))  # bound the [R, n] weight matrix
     reps = []
