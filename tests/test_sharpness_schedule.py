@@ -153,7 +153,7 @@ def test_a_resumed_fit_keeps_a_plan_for_its_length_and_replans_for_another():
 
 def test_cost_model_expects_the_measured_cost_and_scales_it_to_max_iter_for_the_worst_case():
     cost = CostModel()
-    cost.timed(0.1, 0.02, 41)
+    cost.timed(0.1, 0.02, 41, 0)
     assert cost.expected() == cost.worst() == pytest.approx(0.92)  # nothing measured: the bound
     cost.observe(0.5, 15)
     cost.observe(0.3, 5)
@@ -163,3 +163,167 @@ def test_cost_model_expects_the_measured_cost_and_scales_it_to_max_iter_for_the_
     restored = CostModel()
     restored.load_state_dict(cost.state_dict())
     assert (restored.expected(), restored.worst()) == (cost.expected(), cost.worst())
+
+
+def test_the_step_time_leaves_out_the_slow_first_steps():
+    # steps 1-5 take 1 s (start-up), the rest 0.1 s: the step time is measured from step 5 on, so the plan and the
+    # note are those of 0.1 s steps (C_w = 0.92 s ≈ 9 steps)
+    plans, _, note = _fit(2000, step_time=lambda s: 1.0 if s <= 5 else STEP)
+    assert plans[:3] == [(10, 100), (100, 575), (575, 1050)]
+    assert "one measurement is estimated at ≤ 0.92 s (≈ 9 training steps of 100 ms)" in note
+
+
+@pytest.mark.parametrize("end, fraction, extra, first, words", [
+    # one step left after the calibration, a budget for 10 at C_w: the one measurement the fit has room for runs
+    # at its last step (room (0.9 (1.2 + 0.1) - 0.2) / 0.1 = 9.7 s)
+    (11, 0.9, 0, (10, 11), "affords 10 at that cost: the first at step 11,"),
+    # the same step short of a full one: capped at floor((0.392 - 0.1) / 0.02) = 14 products
+    (11, 0.35, 0, (10, 11), "one capped at 14 products runs at step 11"),
+    # a 100-step fit: its first 5% are over at the calibration, so the first comes at the next step, capped at
+    # floor((0.271 - 0.1) / 0.02) = 8 products, exactly the fewest allowed ...
+    (100, 0.045, 0, (10, 11), "one capped at 8 products runs at step 11"),
+    # ... of which one would be the smoothness product: 7 Lanczos products are too few, so none
+    (100, 0.045, 1, (10, 101), "the budget allows no measurement in this fit (needs 0.92 s"),
+    # and when the budget affords full ones (10, 9 steps apart), the first still comes at the next step
+    (100, 0.5, 0, (10, 11), "affords 10 at that cost: the first at step 11,"),
+])
+def test_short_fits_plan_their_one_step_left_and_the_first_five_percent(end, fraction, extra, first, words):
+    plans, _, note = _fit(end, fraction=fraction, steps=end, extra=extra)
+    assert plans[0] == first and words in note
+
+
+def test_measurements_that_take_no_time_run_at_every_step():
+    plans, schedule, _ = _fit(2000, measurement=lambda i: (0.0, 15), steps=105)
+    assert plans == [(10, 100)] + [(s, s + 1) for s in range(100, 106)]
+    assert schedule.cost.expected() == 0.0
+
+
+def test_the_notice_gives_a_budget_below_a_second():
+    # room (0.0022 (1.2 + 199) - 0.2) / 0.9978 = 0.241 s
+    _, schedule, note = _fit(2000, fraction=0.0022)
+    assert schedule.notice == "no measurement in this fit (needs 0.92 s, budget 0.24 s)"
+    assert "budget 0.241 s: max_overhead=0.0022 of the forecast time of the fit to step 2000" in note
+
+
+def test_a_fit_without_a_measurement_says_why_at_its_end(monkeypatch):
+    info = []
+    monkeypatch.setattr("lightning_opt.callbacks._sharpness_schedule.rank_zero_info", info.append)
+    _fit(None, steps=5)  # over before the calibration
+    _fit(2000, steps=50)  # calibrated: the first is planned at step 100
+    _fit(2000, steps=150)  # measured at step 100: nothing to say
+    fixed = MeasurementSchedule(7, None)
+    fixed.start(0, new_run=True, end=5)
+    fixed.stop()  # the fixed schedule says nothing
+    assert info == [
+        "SharpnessMonitor: no measurement in this fit (max_overhead=0.015; the cost-aware schedule calibrates after "
+        "10 steps of a fit); pass every_n_steps=N for a fixed schedule.",
+        "SharpnessMonitor: no measurement in this fit (max_overhead=0.015; the next one is planned at step 100); "
+        "pass every_n_steps=N for a fixed schedule."]
+
+
+def test_a_new_run_forgets_the_costs_and_the_plan():
+    _, schedule, _ = _fit(2000, steps=150)
+    assert schedule.cost.count == 1 and schedule.budget.next_step == 575
+    schedule.start(0, new_run=True, end=2000)
+    assert schedule.cost.count == 0 and schedule.budget.next_step is None and schedule.plan_end is None
+    assert schedule.uncalibrated and schedule.budget.spent == 0.0
+
+
+def test_a_resumed_plan_due_before_the_step_time_is_marked_is_measured():
+    clock = FakeClock()
+    _, schedule, _ = _fit(2000, steps=572, clock=clock)
+    resumed = MeasurementSchedule(None, 0.015, clock=clock)
+    resumed.load_state_dict(schedule.state_dict())
+    plans, _, _ = _fit(2000, steps=600, schedule=resumed, clock=clock, first=572)  # due at 575, marked at 577
+    assert plans[0] == (575, 1050)
+
+
+def test_the_fit_length_comes_from_lightning_on_the_cost_aware_schedule_only():
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    class Changing:
+        @property
+        def estimated_stepping_batches(self):
+            raise MisconfigurationException("accumulate_grad_batches changes between epochs")
+
+    aware = MeasurementSchedule(None, None)
+    for total, end in ((2000.0, 2000), (1, 1), (0, None), (float("inf"), None)):
+        assert aware.fit_end(SimpleNamespace(estimated_stepping_batches=total)) == end
+    assert aware.fit_end(Changing()) is None
+    assert MeasurementSchedule(3, None).fit_end(SimpleNamespace(estimated_stepping_batches=2000)) is None
+
+
+def test_the_fixed_schedule_measures_every_nth_step_and_plans_nothing():
+    every = MeasurementSchedule(1, None)  # the smallest N
+    every.start(0, new_run=True, end=None)
+    assert all(every.due(s) for s in range(1, 5)) and not every.uncalibrated
+    assert set(every.measured(1, 0.25)) == {"seconds", "overhead"}
+    third = MeasurementSchedule(3, None)
+    assert [s for s in range(1, 10) if third.due(s)] == [3, 6, 9]
+
+
+def test_announce_informs_or_warns_with_the_progress_bar_and_tensorboard(monkeypatch):
+    _, planned, planned_note = _fit(2000, steps=20)
+    _, none, none_note = _fit(2000, build=4.18, steps=20)
+    said, logged = [], []
+    monkeypatch.setattr("lightning_opt.callbacks._sharpness_schedule.rank_zero_info", lambda m: said.append(("i", m)))
+    monkeypatch.setattr("lightning_opt.callbacks._sharpness_schedule.rank_zero_warn", lambda m: said.append(("w", m)))
+    monkeypatch.setattr("lightning_opt.callbacks._sharpness_schedule.log_text", lambda *a: logged.append(a))
+    trainer = SimpleNamespace(progress_bar_metrics={}, global_step=10)
+    planned.announce(trainer, planned_note, "curvature")
+    assert said == [("i", planned_note)] and trainer.progress_bar_metrics == {} and logged == []
+    none.announce(trainer, none_note, "second")  # a second monitor's prefix
+    assert said[1:] == [("w", none_note)] and trainer.progress_bar_metrics == {"second": none.notice}
+    assert logged == [(trainer, "second/schedule", none_note, 10)]
+
+
+def test_a_capped_plan_survives_a_checkpoint():
+    _, schedule, _ = _fit(2000, fraction=0.004, steps=20)
+    assert schedule.cap == 25
+    restored = MeasurementSchedule(None, 0.004)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.cap == 25 and restored.iterations(40) == 25
+
+
+def test_cost_model_affordable_products_follow_the_measured_costs():
+    cost = CostModel()
+    cost.timed(0.1, 0.0, 41, 0)
+    assert cost.affordable(5.0) == 0  # a product timed at 0 s: nothing to scale by
+    cost.timed(0.1, 0.02, 41, 0)
+    assert cost.affordable(1.05) == 47  # (1.05 - 0.1) / 0.02 = 47.5
+    cheap = CostModel()
+    cheap.timed(0.1, 0.02, 41, 0)
+    cheap.observe(0.2, 10)  # predicted 0.3 s: measurements cost 2/3 of the line, so 1 s buys what 1.5 s would
+    assert cheap.affordable(1.05) == 73  # (1.575 - 0.1) / 0.02 = 73.75
+    unknown = CostModel()
+    unknown.timed(0.1, 0.02, 41, 0)
+    unknown.observe(1.84, float("nan"))  # products not reported: counted as the most, 41 (0.92 s predicted)
+    assert unknown.affordable(1.05) == 21  # scaled by 2: (0.525 - 0.1) / 0.02 = 21.25
+
+
+def test_cost_model_state_keeps_the_extra_products_and_reads_older_states():
+    cost = CostModel()
+    cost.timed(0.1, 0.02, 41, 1)
+    restored = CostModel()
+    restored.load_state_dict(cost.state_dict())
+    assert restored.extra == 1
+    older = {k: v for k, v in cost.state_dict().items() if k != "extra"}
+    restored.load_state_dict(older)
+    assert restored.extra == 0
+
+
+@pytest.mark.parametrize("every, overhead, message", [
+    (0, None, "SharpnessMonitor: invalid every_n_steps=0; expected an int with every_n_steps >= 1"),
+    (3, 0.1, "SharpnessMonitor: invalid max_overhead=0.1; expected None with every_n_steps=3 (max_overhead sets the "
+             "cost-aware schedule, every_n_steps=None: pass one of them)"),
+    (None, 1.0, "SharpnessMonitor: invalid max_overhead=1.0; expected a finite number with max_overhead in (0, 1)"),
+])
+def test_schedule_refusals_name_the_monitor(every, overhead, message):
+    with pytest.raises(ValueError) as err:
+        MeasurementSchedule(every, overhead)
+    assert str(err.value) == message
+
+
+def test_steps_that_take_no_measurable_time_give_no_step_count_in_the_note():
+    _, _, note = _fit(2000, step_time=lambda s: 0.0, steps=20)
+    assert "the budget allows no measurement in this fit (needs 0.92 s, ?; budget 0 s:" in note

@@ -67,7 +67,7 @@ class CostModel:
         self.build, self.product, self.products, self.extra = math.nan, math.nan, 0, 0
         self.count, self.seconds, self.matvecs = 0, 0.0, 0.0
 
-    def timed(self, build: float, product: float, products: int, extra: int = 0) -> None:
+    def timed(self, build: float, product: float, products: int, extra: int) -> None:
         """``extra``: of the ``products``, those that are not Lanczos iterations (the smoothness product)."""
         self.build, self.product, self.products, self.extra = build, product, products, extra
 
@@ -136,7 +136,7 @@ class MeasurementSchedule:
         self.cost = CostModel()
         self.calibrate_at: int | None = None
         self.mark_at: int | None = None
-        self.measured_this_fit = 0
+        self.measured_this_fit = False
         self.end: int | None = None  # this fit call's last step (None: unknown)
         self.plan_end: int | None = None  # the ``end`` the current plan was made for
         self.first_by = 0  # with a known end: the step the first measurement comes by
@@ -168,7 +168,7 @@ class MeasurementSchedule:
         self.budget.start(step)
         self.calibrate_at = step + CALIBRATION_STEPS
         self.mark_at = step + CALIBRATION_STEPS // 2
-        self.measured_this_fit = 0
+        self.measured_this_fit = False
         self.notice = None
         self.end = end if self.cost_aware and end is not None and end > step else None
         self.first_by = step + math.ceil(FIRST_WITHIN * (self.end - step)) if self.end is not None else 0
@@ -210,7 +210,7 @@ class MeasurementSchedule:
         return self.budget.next_step is not None and step >= self.budget.next_step
 
     def calibrated(self, step: int, seconds: float, build: float, product: float, products: int,
-                   extra: int = 0) -> str:
+                   extra: int) -> str:
         """Plan the first measurement from the timed ``build`` (gradients) and ``product`` seconds, ``products``
         the most products of a measurement (``seconds`` spent calibrating); the note that says when it runs (a
         warning when the fit affords none: then :attr:`notice` is set)."""
@@ -255,7 +255,7 @@ class MeasurementSchedule:
         """Account a measurement of ``seconds`` (``matvecs`` products) at ``step`` and plan the next
         (cost-aware); the values to log under the prefix: ``seconds`` (max over ranks), ``next_step``
         (cost-aware; past the fit's last step: none more in this fit) and ``overhead``."""
-        self.measured_this_fit += 1
+        self.measured_this_fit = True
         self.budget.charge(seconds)
         ahead, room = None, 0.0
         if self.cost_aware:

@@ -94,7 +94,7 @@ def rides_with(trailer: Tensor, dtype: torch.dtype, device: torch.device) -> boo
             and torch.promote_types(dtype, trailer.dtype) == dtype)
 
 
-def write_back(buckets: list[tuple[list[int], Tensor]], tensors: Sequence[Tensor], scale: float = 1.0) -> None:
+def write_back(buckets: list[tuple[list[int], Tensor]], tensors: Sequence[Tensor], scale: float) -> None:
     """Write reduced buckets back into ``tensors``, multiplied by ``scale`` (e.g. 1/world for a mean)."""
     with torch.no_grad():  # not a decorator: mutmut skips decorated functions
         for idx, flat in buckets:

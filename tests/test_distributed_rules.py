@@ -1,0 +1,54 @@
+"""The distributed helpers' rules in one process (no process group): the finiteness check, how tensors are cut
+into buckets, and what the non-finite agreement decides for a lone rank. The collectives themselves are checked
+across processes in ``test_overlap.py``; these run in process so that ``make mutate`` can reach them."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from lightning_opt.distributed import NonFiniteError, all_finite
+from lightning_opt.distributed.buckets import bucket_indices
+from lightning_opt.distributed.consensus import agree
+
+
+def test_all_finite_fast_path_and_overflow():
+    assert all_finite([]) and all_finite([torch.ones(3), torch.zeros(2, dtype=torch.float16)])
+    for bad in (math.nan, math.inf, -math.inf):
+        assert not all_finite([torch.ones(3), torch.tensor([0.0, bad])])
+    assert not all_finite([torch.tensor([math.inf, -math.inf])])  # sums to NaN
+    big = torch.full((4,), 3e38)  # finite elements whose float32 sum overflows: checked element by element
+    assert all_finite([big])
+    assert all_finite([torch.full((8,), 60000.0, dtype=torch.float16)])  # summed in float32
+
+
+def test_buckets_close_when_the_next_tensor_would_pass_the_cap():
+    f32 = [torch.zeros(n) for n in (2, 2, 1, 4, 3, 1)]  # 8, 8, 4, 16, 12, 4 bytes
+    # cap 16: 8 + 8 fits exactly; 4 opens a bucket, 4 + 16 does not fit; a tensor alone at the cap fills one
+    assert bucket_indices(f32, 16) == [[0, 1], [2], [3], [4, 5]]
+    assert bucket_indices(f32, 15) == [[0], [1, 2], [3], [4], [5]]
+    # a new bucket counts only its own tensors: after [3] closes, 12 + 4 fits in 16 again
+    assert bucket_indices([torch.zeros(4), torch.zeros(3), torch.zeros(1)], 16) == [[0], [1, 2]]
+    # one bucket per dtype, order kept within each
+    mixed = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(2), torch.zeros(1, dtype=torch.float64)]
+    assert bucket_indices(mixed, 1 << 20) == [[0, 2], [1, 3]]
+
+
+def test_a_lone_rank_decides_by_its_own_tensors():
+    ok = agree([torch.ones(2)], policy="raise", what="gradients", step=7, total=False)
+    assert ok.bad == [] and not ok.local_bad and ok.world == 1
+    nan = [torch.ones(2), torch.tensor([math.nan])]
+    with pytest.raises(NonFiniteError, match="^" + re.escape(
+            "non-finite gradients on rank(s) [0] at optimizer step 7; refusing to use them on any rank (nothing was "
+            "written). Pass nonfinite='drop' to leave such ranks out and reset them.") + "$"):
+        agree(nan, policy="raise", what="gradients", step=7, total=False)
+    with pytest.raises(ValueError, match="^" + re.escape("invalid policy='skip'; expected one of 'raise', 'drop'")):
+        agree(nan, policy="skip", what="weights", step=9, total=False)
+    with pytest.raises(NonFiniteError, match="^" + re.escape(
+            "non-finite weights on every rank at optimizer step 9; nothing to reset them to") + "$"):
+        agree(nan, policy="drop", what="weights", step=9, total=False)
+    judged = agree(nan, policy="drop", what="weights", step=9, total=False, corrupt=lambda ts: False)
+    assert judged.bad == [] and not judged.local_bad  # the caller's judgement replaces the finiteness check
