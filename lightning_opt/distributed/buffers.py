@@ -81,6 +81,8 @@ class BufferRules:
 
     def corrupt(self, tensors: Sequence[Tensor]) -> bool:
         """Whether any of ``tensors`` holds a non-finite value it was not designed to hold (one host sync)."""
+        if not self._designed:  # the common case (and every gradient): no per-tensor lookups
+            return not all_finite(tensors)
         plain = [t for t in tensors if not self._is_designed(t)]
         if plain and not all_finite(plain):
             return True

@@ -60,6 +60,7 @@ class OverlappedGradSum:
                 offset += self.params[i].numel()
         self._sizes = [sum(self.params[i].numel() for i in idx) for idx in self.buckets]
         self._flat: list[Tensor | None] = [None] * len(self.buckets)
+        self._views: dict[int, Tensor] = {}
         self._spare = 0  # room for a trailer at the end of the last bucket's buffer
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
         self._armed = False
@@ -74,6 +75,9 @@ class OverlappedGradSum:
             first = self.params[self.buckets[b][0]]
             n = self._sizes[b] + (self._spare if b == len(self.buckets) - 1 else 0)
             flat = self._flat[b] = torch.empty(n, dtype=accumulation_dtype(first.dtype), device=first.device)
+            for i in self.buckets[b]:  # each gradient's place in the buffer, shaped like it (built once)
+                offset, p = self._slot[i][1], self.params[i]
+                self._views[i] = flat[offset:offset + p.numel()].view(p.shape)
         return flat
 
     def _make_room(self, spare: int) -> None:
@@ -94,16 +98,25 @@ class OverlappedGradSum:
         self.late = False
 
     def _hook(self, i: int) -> Callable[[Tensor], None]:
+        b = self._slot[i][0]
+        size = len(self.buckets[b])
+
+        # Runs once per parameter and backward, in Python (DDP's reducer is C++): kept to a dict lookup and one copy.
         def hook(p: Tensor) -> None:
             if not self._armed or p.grad is None:
                 return
-            b, offset = self._slot[i]
             if b < self._launched:
                 self.late = True
                 return
-            self._buffer(b)[offset:offset + p.numel()].copy_(p.grad.detach().reshape(-1))
-            self._ready[b].add(i)
-            self._launch_complete()
+            view = self._views.get(i)
+            if view is None:
+                self._buffer(b)
+                view = self._views[i]
+            view.copy_(p.grad.detach())
+            ready = self._ready[b]
+            ready.add(i)
+            if b == self._launched and len(ready) == size:
+                self._launch_complete()
 
         return hook
 

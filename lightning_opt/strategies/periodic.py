@@ -128,6 +128,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         self._grad_sums: dict[int, OverlappedGradSum] = {}
         self._param_views: dict[int, tuple[tuple, list[Tensor], int]] = {}  # see SyncAveraging._param_view
         self._buffer_rules = BufferRules()
+        self._step_buffers: list[Tensor] | None = None  # see `_averaged_step_buffers`
         self._launch_record = LaunchRecord()
         self._undo_sigterm: Callable[[], None] | None = None  # set in `setup` (a lambda here would not pickle)
 
@@ -161,6 +162,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
     def configure_ddp(self) -> None:
         """No DDP wrapper (so no per-step gradient all-reduce); start every rank from rank 0's weights."""
         self._check_supported()
+        self._step_buffers = None  # listed again in every fit
         if is_dist():
             broadcast_flat(self._module_tensors(), src=0, cap_mb=self.bucket_cap_mb)
         self._buffer_rules.reset(self.lightning_module)
@@ -169,6 +171,7 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         for summer in self._grad_sums.values():
             summer.remove()
         self._grad_sums.clear()
+        self._step_buffers = None
         if self._undo_sigterm is not None:
             self._undo_sigterm()
             self._undo_sigterm = None
@@ -208,12 +211,19 @@ class PeriodicSyncStrategy(RankLocal, SyncAveraging, DDPStrategy):
         self.meter.ddp_bytes += self._param_view(idx)[1]
         if averaged and idx == 0:
             # DDP broadcasts buffers from rank 0 before each forward; doing it after the step is equivalent.
-            broadcast_flat(list(self.lightning_module.buffers()), src=0, meter=self.meter)
+            broadcast_flat(self._averaged_step_buffers(), src=0, meter=self.meter)
         synced = not warmup and self._sync_if_due(idx, step)
         self._settle(warmup or (synced and self._sync_reaches_consensus))
         if idx == 0 and self._trainer is not None and logs_this_step(self._trainer):
             self._log_metrics(self.comm_stats)  # Lightning's step and log_every_n_steps cadence, warm-up included
         return output
+
+    def _averaged_step_buffers(self) -> list[Tensor]:
+        """The module's buffers, listed once per fit as DDP lists them once: walking the module tree at every
+        averaged step cost more than the broadcast for models of many small modules (benchmarks/RESULTS.md)."""
+        if self._step_buffers is None:
+            self._step_buffers = list(self.lightning_module.buffers())
+        return self._step_buffers
 
     def _sync_if_due(self, idx: int, step: int) -> bool:
         """Run :meth:`_sync` if optimizer ``idx``'s step ``step`` ends a period; whether it did."""
