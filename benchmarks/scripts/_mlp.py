@@ -1,4 +1,5 @@
-"""The MLP both strategy benchmarks train: four ReLU layers, SGD with momentum, data sharded over the ranks."""
+"""The MLP both strategy benchmarks train: four ReLU layers (or, with ``blocks``, a deep narrow one of many small
+tensors), SGD with momentum, data sharded over the ranks."""
 
 from collections.abc import Callable
 
@@ -13,12 +14,17 @@ class BenchMLP(pl.LightningModule):
     ``dataset()`` is built when the trainer asks for the loader."""
 
     def __init__(self, dataset: Callable[[], Dataset], in_dim: int, width: int, classes: int, batch_size: int,
-                 world: int) -> None:
+                 world: int, blocks: int = 0) -> None:
         super().__init__()
         self.dataset, self.batch_size, self.world = dataset, batch_size, world
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
+        if blocks:  # many small tensors (Linear + LayerNorm per block): what per-parameter Python work costs
+            self.net = nn.Sequential(nn.Linear(in_dim, width), *[nn.Sequential(
+                nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()) for _ in range(blocks)],
+                nn.Linear(width, classes))
+        else:
+            self.net = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                     nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
