@@ -61,7 +61,19 @@ def _serving(cmd: list[str], env: dict[str, str], fresh: bool) -> tuple[zygote.Z
 
 
 def run_command(cmd, *, timeout: float = 180, env: dict | None = None, cwd=None, fresh: bool = False):
-    cmd, env = [str(c) for c in cmd], env or dist_env()
+    for attempt in range(3):
+        try:
+            return _run_command_once(cmd, timeout, env or dist_env(), cwd, fresh)
+        except AssertionError as err:
+            # The port dist_env found free was taken by another test (xdist runs two at once) before the child
+            # bound it: run again on a new one. A caller's own environment is left alone.
+            if env is not None or attempt == 2 or "EADDRINUSE" not in str(err):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_command_once(cmd, timeout: float, env: dict, cwd, fresh: bool):
+    cmd = [str(c) for c in cmd]
     z, target = _serving(cmd, env, fresh)
     if z is None:
         return testing.run_command(cmd, timeout=timeout, env=env, cwd=cwd)
