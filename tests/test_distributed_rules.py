@@ -22,7 +22,9 @@ def test_all_finite_fast_path_and_overflow():
     assert not all_finite([torch.tensor([math.inf, -math.inf])])  # sums to NaN
     big = torch.full((4,), 3e38)  # finite elements whose float32 sum overflows: checked element by element
     assert all_finite([big])
-    assert all_finite([torch.full((8,), 60000.0, dtype=torch.float16)])  # summed in float32
+    assert all_finite([torch.full((8,), 60000.0, dtype=torch.float16)])  # its norm overflows in half precision
+    assert all_finite([torch.tensor([1, 2]), torch.tensor([True])])  # integers and booleans
+    assert not all_finite([torch.tensor([1, 2]), torch.tensor([1 + 1j, complex(math.nan, 0.0)])])
 
 
 def test_buckets_close_when_the_next_tensor_would_pass_the_cap():

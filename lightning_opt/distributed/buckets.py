@@ -122,8 +122,8 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     a same-sized mask as ``isfinite`` does; only a non-finite norm (possibly a mere overflow) is checked element by
     element."""
     floats: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:  # integers are always finite
-        if t.is_floating_point():
+    for t in tensors:  # integers and booleans are always finite
+        if t.is_floating_point() or t.is_complex():
             floats.setdefault(t.device, []).append(t)
     with torch.no_grad():  # a context, not a decorator: mutmut skips decorated functions
         for group in floats.values():
