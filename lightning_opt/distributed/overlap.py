@@ -3,9 +3,10 @@
 Why: the periodic strategies average gradients on some steps only (warm-up, Lookahead ``mode="sync"``). A flat
 all-reduce after backward leaves the network idle during backward and the CPU idle during the all-reduce; DDP
 hides most of it by reducing buckets while backward still runs. :class:`OverlappedGradSum` does the same with
-per-parameter ``post_accumulate_grad`` hooks, and only while armed (inside the closure of a step that averages),
-so local steps pay nothing. Measured so far only on 2 CPU processes over loopback, where it gained nothing (the
-all-reduce needs the cores backward uses; ``benchmarks/RESULTS.md``); its case is a real network or NCCL.
+per-parameter ``post_accumulate_grad`` hooks, and only while armed (inside the closure of a step that averages):
+on local steps a hook returns at once (about 0.02 ms a step for 320 tensors, measured). The overlap itself is
+measured so far only on 2 CPU processes over loopback, where it gained nothing (the all-reduce needs the cores
+backward uses; ``benchmarks/RESULTS.md``); its case is a real network or NCCL.
 
 Buckets are built over the parameters in reverse order (gradients become ready roughly from the last layer to
 the first) and launched strictly in bucket order, so every rank issues the same collectives in the same order
