@@ -62,7 +62,7 @@ UNCHECKED: dict[str, dict[str, str]] = {
 
 class Exact(str):
     """``states`` that is the whole accepted-values text: the message must be exactly "invalid arg=value; expected
-    <text>" (a partial ``states`` only has to appear in it)."""
+    <text>", after "<Class>: " for the classes that name themselves (a partial ``states`` only has to appear)."""
 
 
 _STRATEGY_COMMON = [
@@ -221,7 +221,8 @@ TABLE: dict[str, list[tuple]] = {
         ({"min_lr": -1.0}, "min_lr"), ({"loss_fn": 3}, "loss_fn"),
     ],
     "SharpnessMonitor": [
-        ({"every_n_steps": 0}, "every_n_steps"), ({"probe": "random"}, "probe"), ({"max_iter": 1}, "max_iter"),
+        ({"every_n_steps": 0}, "every_n_steps", Exact("an int with every_n_steps >= 1")),
+        ({"probe": "random"}, "probe"), ({"max_iter": 1}, "max_iter"),
         ({"tol": 0.0}, "tol"), ({"tol": 1.0}, "tol"), ({"bn_mode": "frozen"}, "bn_mode"),
         ({"smoothness": "yes"}, "smoothness"), ({"dropout_mode": "off"}, "dropout_mode"),
         ({"loss_fn": 3}, "loss_fn"), ({"hvp_method": "finite_differences"}, "hvp_method"),
@@ -229,8 +230,11 @@ TABLE: dict[str, list[tuple]] = {
         ({"warm_start": "yes"}, "warm_start"), ({"fit_on": "loss"}, "fit_on"), ({"save_probe": 1}, "save_probe"),
         ({"fit_on": "smoothness", "smoothness": False}, "fit_on"), ({"fit_decay": 0.0}, "fit_decay"),
         ({"seed": -1}, "seed"), ({"prefix": ""}, "prefix"), ({"max_overhead": 0.0}, "max_overhead"),
-        ({"max_overhead": 1.0}, "max_overhead"), ({"max_overhead": "2%"}, "max_overhead"),
-        ({"every_n_steps": 10, "max_overhead": 0.02}, "max_overhead"),
+        ({"max_overhead": 1.0}, "max_overhead", Exact("a finite number with max_overhead in (0, 1)")),
+        ({"max_overhead": "2%"}, "max_overhead"),
+        ({"every_n_steps": 10, "max_overhead": 0.02}, "max_overhead", Exact(
+            "None with every_n_steps=10 (max_overhead sets the cost-aware schedule, every_n_steps=None: pass one of "
+            "them)")),
     ],
     "RandomIterate": [
         ({"lag": -1}, "lag", "expected an int with lag >= 0"), ({"lag": 1.5}, "lag", "expected an int with lag >= 0"),
@@ -358,14 +362,20 @@ def test_invalid_value_raises_value_error_naming_the_argument(name, kwargs, arg,
         _make(name, **kwargs)
     message = str(info.value)
     assert _names_the_argument(message, arg), f"{name}({kwargs}) -> {message} does not name `{arg}`"
-    if issubclass(PUBLIC[name], torch.optim.Optimizer):
-        assert message.startswith(f"{name}: invalid "), message
+    owner = f"{name}: " if _names_itself(name) else ""
+    assert message.startswith(f"{owner}invalid "), message
     assert _states_the_value(message, arg, kwargs[arg]), f"{name}({kwargs}) -> {message} omits the value"
     assert "; expected " in message, f"{name}({kwargs}) -> {message} does not say what is accepted"
     for text in () if states is None else (states,) if isinstance(states, str) else states:
         assert text in message, f"{name}({kwargs}) -> {message} does not state {text!r}"
     if isinstance(states, Exact):
-        assert message == f"invalid {arg}={kwargs[arg]!r}; expected {states}", message
+        assert message == f"{owner}invalid {arg}={kwargs[arg]!r}; expected {states}", message
+
+
+def _names_itself(name: str) -> bool:
+    """The optimizers and callbacks say whose argument was refused ("ClippedSGD: invalid lr=..."): in a training
+    script several of them are built side by side; the strategies and examples are one per Trainer."""
+    return PUBLIC[name].__module__.startswith(("lightning_opt.optim.", "lightning_opt.callbacks."))
 
 
 # The accepted side of the boundaries the rows above reject just past (a range check off by one either way fails
