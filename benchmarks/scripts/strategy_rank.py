@@ -31,13 +31,13 @@ from lightning_opt.strategies import LocalSGDStrategy, LookaheadStrategy, LSGDSt
 rows = [(name, int(period)) for name, period in (r.split(":") for r in sys.argv[1].split(","))]
 steps, rounds = int(sys.argv[2]), int(sys.argv[3])
 MODEL = sys.argv[4] if len(sys.argv) > 4 else "mlp"
+SKIP = 10  # warm-up iterations left out of every figure
 
 
 def bench_model() -> BenchMLP:
     if MODEL == "deep":
         return BenchMLP(argmax_data, in_dim=64, width=64, classes=10, batch_size=32, world=2, blocks=80)
     return BenchMLP(argmax_data, in_dim=64, width=512, classes=10, batch_size=32, world=2)
-SKIP = 10  # warm-up iterations left out of every figure
 
 
 class StepTimes(pl.Callback):
@@ -102,7 +102,7 @@ def raw_fit(period: int) -> dict:
             with torch.no_grad():
                 flat = torch.cat([p.reshape(-1) for p in model.parameters()])
                 torch.distributed.all_reduce(flat)
-                torch.nn.utils.vector_to_parameters(flat / 2, model.parameters())
+                torch.nn.utils.vector_to_parameters(flat / torch.distributed.get_world_size(), model.parameters())
         if step > SKIP:
             times.append((time.perf_counter() - start, synced, after_sync))
         after_sync = synced
