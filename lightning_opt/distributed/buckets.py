@@ -94,13 +94,18 @@ def rides_with(trailer: Tensor, dtype: torch.dtype, device: torch.device) -> boo
             and torch.promote_types(dtype, trailer.dtype) == dtype)
 
 
-def write_back(buckets: list[tuple[list[int], Tensor]], tensors: Sequence[Tensor], scale: float) -> None:
-    """Write reduced buckets back into ``tensors``, multiplied by ``scale`` (e.g. 1/world for a mean)."""
+def write_back(buckets: list[tuple[list[int], Tensor]], tensors: Sequence[Tensor], scale: float, *,
+               views: Sequence[Tensor] | None = None) -> None:
+    """Write reduced buckets back into ``tensors``, multiplied by ``scale`` (e.g. 1/world for a mean). ``views``:
+    each tensor's place in the buckets, shaped like it, when the caller keeps them (one copy, no views built)."""
     with torch.no_grad():  # not a decorator: mutmut skips decorated functions
         for idx, flat in buckets:
             if scale != 1.0:
                 flat.mul_(scale)
-            unflatten_into(flat, [tensors[i] for i in idx])
+            if views is None:
+                unflatten_into(flat, [tensors[i] for i in idx])
+        if views is not None and tensors:
+            torch._foreach_copy_(list(tensors), list(views))
 
 
 def broadcast_flat(

@@ -53,6 +53,9 @@ class Agreement:
     buckets: list[tuple[list[int], Tensor]]
     #: the ``payload`` vector summed over ranks (empty without one)
     payload: Tensor
+    #: each tensor's place in ``buckets``, shaped like it, when the sums are those launched during backward
+    #: (:meth:`OverlappedGradSum.views`): writing back is then one multi-tensor copy with no views to build
+    views: list[Tensor] | None = None
 
     @property
     def healthy(self) -> int:
@@ -64,7 +67,7 @@ class Agreement:
 
     def write(self, out: Sequence[Tensor], *, mean: bool = True) -> None:
         """Write the healthy ranks' mean (or, ``mean=False``, their sum) into ``out``, shaped like the tensors."""
-        write_back(self.buckets, out, 1.0 / self.healthy if mean else 1.0)
+        write_back(self.buckets, out, 1.0 / self.healthy if mean else 1.0, views=self.views)
 
 
 def agree(
@@ -82,15 +85,19 @@ def agree(
 ) -> Agreement:
     """Agree on ``tensors`` across the default process group (see the module docstring).
 
-    ``corrupt`` judges this rank's tensors (default: any non-finite value); ``what`` and ``step`` name them in
-    the error. ``total``: sum the tensors (not written back: see :meth:`Agreement.write`). ``payload``: a vector
-    summed along with the flags (per-tensor gradient counts; a rank's entry of a per-rank vector, which the sum
-    turns into a gather). ``summed``: the sums were launched during backward (``tensors`` are its parameters'
-    gradients); they are redone here only if a rank is dropped or a gradient changed after its bucket left. On
-    a single process nothing is communicated and the decision is this rank's own.
+    ``corrupt`` judges this rank's tensors (default: any non-finite value, judged per bucket when ``summed``);
+    ``what`` and ``step`` name them in the error. ``total``: sum the tensors (not written back: see
+    :meth:`Agreement.write`). ``payload``: a vector summed along with the flags (per-tensor gradient counts; a
+    rank's entry of a per-rank vector, which the sum turns into a gather). ``summed``: the sums were launched
+    during backward (``tensors`` are its parameters' gradients); they are redone here only if a rank is dropped or
+    a gradient changed after its bucket left. On a single process nothing is communicated and the decision is this
+    rank's own.
     """
     check_choice("policy", policy, POLICIES)
-    local_bad = corrupt(tensors) if corrupt is not None else not all_finite(tensors)
+    if corrupt is not None:
+        local_bad = corrupt(tensors)
+    else:  # the buckets launched during backward are judged whole, not tensor by tensor
+        local_bad = not (summed.local_finite() if summed is not None else all_finite(tensors))
     drop = local_bad and policy == "drop"
     src = [torch.zeros_like(t) for t in tensors] if drop else list(tensors)
     world, me = (dist.get_world_size(), dist.get_rank()) if is_dist() else (1, 0)
@@ -111,12 +118,13 @@ def agree(
     elif is_dist():
         all_reduce_counted(flags, meter=meter)
     bad = [int(r) for r in torch.nonzero(flags[:world]).flatten().tolist()]
+    views = summed.views() if summed is not None else None
     if summed is not None and ((bad and policy == "drop") or flags[world] > 0):
-        buckets = all_reduce_flat(src, meter=meter, cap_mb=cap_mb)
+        buckets, views = all_reduce_flat(src, meter=meter, cap_mb=cap_mb), None
     if bad and policy == "raise":
         raise NonFiniteError(
             f"non-finite {what} on rank(s) {bad} at optimizer step {step}; refusing to use them on any rank "
             "(nothing was written). Pass nonfinite='drop' to leave such ranks out and reset them.")
     if len(bad) == world:
         raise NonFiniteError(f"non-finite {what} on every rank at optimizer step {step}; nothing to reset them to")
-    return Agreement(world, bad, local_bad, buckets, flags[world + int(total):])
+    return Agreement(world, bad, local_bad, buckets, flags[world + int(total):], views)

@@ -13,8 +13,10 @@ the first) and launched strictly in bucket order, so every rank issues the same 
 whatever order its hooks fire in. The last bucket (the first layers, ready only as backward ends) is launched by
 :meth:`finish`, so a trailer of flags decided after backward (non-finite gradients, late changes) rides in it and
 the step needs no collective beyond the buckets, as in DDP. The gradients themselves are not touched: each is
-*copied* into its bucket, so the caller can still inspect the local values (non-finite checks) and reduce them
-again if needed.
+*copied* into its bucket, so the caller can still inspect the local values and reduce them again if needed.
+Whether they are finite is judged on the buckets (:meth:`local_finite`: one norm per bucket, taken before it
+leaves), not tensor by tensor: a per-tensor check is a kernel call per tensor, which models of hundreds of tensors
+pay in Python time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_opt._tensors import accumulation_dtype
-from lightning_opt.distributed.buckets import all_reduce_counted, bucket_indices, nbytes, rides_with
+from lightning_opt.distributed.buckets import all_finite, all_reduce_counted, bucket_indices, nbytes, rides_with
 from lightning_opt.distributed.meter import CommMeter
 
 #: DDP's choice: a small first bucket so the first all-reduce starts early in backward.
@@ -61,7 +63,9 @@ class OverlappedGradSum:
                 offset += self.params[i].numel()
         self._sizes = [sum(self.params[i].numel() for i in idx) for idx in self.buckets]
         self._flat: list[Tensor | None] = [None] * len(self.buckets)
+        self._norms: list[Tensor | None] = [None] * len(self.buckets)  # each bucket's local norm, before it left
         self._views: dict[int, Tensor] = {}
+        self._bucket_views: dict[int, list[Tensor]] = {}  # bucket -> its gradients' views, in bucket order
         self._spare = 0  # room for a trailer at the end of the last bucket's buffer
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
         self._armed = False
@@ -79,6 +83,7 @@ class OverlappedGradSum:
             for i in self.buckets[b]:  # each gradient's place in the buffer, shaped like it (built once)
                 offset, p = self._slot[i][1], self.params[i]
                 self._views[i] = flat[offset:offset + p.numel()].view(p.shape)
+            self._bucket_views[b] = [self._views[i] for i in self.buckets[b]]
         return flat
 
     def _make_room(self, spare: int) -> None:
@@ -94,6 +99,7 @@ class OverlappedGradSum:
     def arm(self) -> None:
         self._armed = True
         self._ready = [set() for _ in self.buckets]
+        self._norms = [None] * len(self.buckets)
         self._launched = 0
         self._works = []
         self.late = False
@@ -102,18 +108,14 @@ class OverlappedGradSum:
         b = self._slot[i][0]
         size = len(self.buckets[b])
 
-        # Runs once per parameter and backward, in Python (DDP's reducer is C++): kept to a dict lookup and one copy.
+        # Runs once per parameter and backward, in Python (DDP's reducer is C++): only bookkeeping; the gradients
+        # are copied a bucket at a time (one multi-tensor copy, not a copy call per tensor).
         def hook(p: Tensor) -> None:
-            if not self._armed or p.grad is None:
+            if not self._armed:
                 return
-            if b < self._launched:
+            if self._norms[b] is not None:  # its bucket was already copied (and maybe sent): the sums are redone
                 self.late = True
                 return
-            view = self._views.get(i)
-            if view is None:
-                self._buffer(b)
-                view = self._views[i]
-            view.copy_(p.grad.detach())
             ready = self._ready[b]
             ready.add(i)
             if b == self._launched and len(ready) == size:
@@ -128,20 +130,45 @@ class OverlappedGradSum:
             self._launch(self._launched)
 
     def _launch(self, b: int) -> None:
-        self._launch_slice(self._buffer(b)[:self._sizes[b]])
+        self._launch_slice(self._seal(b))
+
+    def _seal(self, b: int) -> Tensor:
+        """Copy bucket ``b``'s gradients in (once) and take its local norm while they are this rank's own."""
+        flat = self._buffer(b)[:self._sizes[b]]
+        if self._norms[b] is None:
+            self._fill(b)
+            self._norms[b] = torch.linalg.vector_norm(flat)
+        return flat
 
     def _launch_slice(self, flat: Tensor) -> None:
         self._works.append((dist.all_reduce(flat, async_op=True), flat))
         self._launched += 1
 
     def _fill(self, b: int) -> None:
-        """Copy the gradients (zeros where missing) of a bucket whose hooks did not all fire."""
-        self._buffer(b)  # makes the bucket's views
+        """Copy the bucket's gradients into its buffer, zeros for a parameter without one."""
+        views = self._bucket_views[b]
+        grads = [self.params[i].grad for i in self.buckets[b]]
         with torch.no_grad():  # a context, not a decorator: mutmut skips decorated functions
-            for i in self.buckets[b]:
-                if i not in self._ready[b]:
-                    grad = self.params[i].grad
-                    self._views[i].zero_() if grad is None else self._views[i].copy_(grad.detach())
+            if all(g is not None for g in grads):
+                torch._foreach_copy_(views, grads)
+                return
+            for view, grad in zip(views, grads):
+                view.zero_() if grad is None else view.copy_(grad)
+
+    def local_finite(self) -> bool:
+        """Whether every gradient of ``params`` on this rank is finite (one host sync). Call it after backward,
+        before :meth:`finish`. A finite norm per bucket implies finite elements; a non-finite one (possibly an
+        overflow of finite values), or a gradient changed after its bucket left, is checked tensor by tensor."""
+        if not self.late:
+            for b in range(self._launched, len(self.buckets)):
+                self._seal(b)
+            if all(bool(torch.isfinite(norm)) for norm in self._norms):  # a host sync per bucket, not per tensor
+                return True
+        return all_finite([p.grad for p in self.params if p.grad is not None])
+
+    def views(self) -> list[Tensor]:
+        """Each parameter's place in its bucket, shaped like it (after :meth:`finish`: the sums)."""
+        return [self._views[i] for i in range(len(self.params))]
 
     def finish(self, trailer: Tensor | None = None) -> list[tuple[list[int], Tensor]]:
         """Launch what backward left (unused parameters, the last bucket), wait for every bucket and return the
@@ -154,7 +181,7 @@ class OverlappedGradSum:
         if ride:
             self._make_room(trailer.numel())
         for b in range(self._launched, len(self.buckets)):
-            self._fill(b)
+            self._seal(b)  # a no-op where local_finite() did it
             if b == last:
                 flat = self._buffer(b)
                 n = self._sizes[b]

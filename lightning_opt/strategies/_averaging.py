@@ -151,8 +151,9 @@ class SyncAveraging:
         params = summer.params
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-        judge = {"corrupt": lambda _: True} if failed else {}
-        agreement = self._average(grads, "gradients", step, payload=has_grad, summed=summer, **judge)
+        # gradients are judged strictly (no buffer rules), on the buckets unless this rank's closure failed
+        judge = (lambda _: True) if failed else None
+        agreement = self._average(grads, "gradients", step, payload=has_grad, summed=summer, corrupt=judge)
         agreement.write(grads)
         for p, g, c in zip(params, grads, agreement.payload.tolist()):
             if p.grad is None and c > 0:
