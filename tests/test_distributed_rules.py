@@ -13,6 +13,7 @@ import torch
 from lightning_opt.distributed import NonFiniteError, all_finite
 from lightning_opt.distributed.buckets import bucket_indices
 from lightning_opt.distributed.consensus import agree
+from lightning_opt.distributed.overlap import OverlappedGradSum, ddp_bucket_indices
 
 
 def test_all_finite_fast_path_and_overflow():
@@ -37,6 +38,28 @@ def test_buckets_close_when_the_next_tensor_would_pass_the_cap():
     # one bucket per dtype, order kept within each
     mixed = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(2), torch.zeros(1, dtype=torch.float64)]
     assert bucket_indices(mixed, 1 << 20) == [[0, 2], [1, 3]]
+
+
+def test_gradient_buckets_close_at_their_limit_as_ddp_cuts_them():
+    f32 = [torch.zeros(n) for n in (4, 2, 3, 1, 5)]  # 16, 8, 12, 4, 20 bytes
+    # first bucket limit 20: 16 + 8 reaches it (the crossing tensor joins); later ones 16: 12 + 4 is exactly 16
+    assert ddp_bucket_indices(f32, [20, 16]) == [[0, 1], [2, 3], [4]]
+    assert ddp_bucket_indices(f32, [10]) == [[0], [1, 2], [3, 4]]  # one limit for every bucket
+    assert ddp_bucket_indices([], [1]) == []
+    # per dtype, each with its own first limit; buckets ordered by their first tensor
+    mixed = [torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1), torch.zeros(1, dtype=torch.float64)]
+    assert ddp_bucket_indices(mixed, [8, 100]) == [[0, 2], [1], [3]]
+
+
+def test_overlapped_buckets_run_backwards_with_a_full_first_bucket():
+    # reverse parameter order; the 1.2 MB tensor that crosses the 1 MB first limit travels in the first bucket
+    params = [torch.zeros(n, requires_grad=True) for n in (100_000, 100_000, 100_000, 300_000, 10)]
+    summer = OverlappedGradSum(params, cap_mb=0.5)  # 0.4 MB + 0.4 MB reaches 0.5 MB
+    assert summer.buckets == [[4, 3], [2, 1], [0]]
+    assert OverlappedGradSum(params, cap_mb=2.0).buckets == [[4, 3], [2, 1, 0]]
+    small = [torch.zeros(10, requires_grad=True) for _ in range(3)]
+    assert OverlappedGradSum(small, cap_mb=1.0).buckets == [[2, 1, 0]]
+    summer.remove()
 
 
 def test_a_lone_rank_decides_by_its_own_tensors():

@@ -17,6 +17,12 @@ def test_overlapped_sums_match_all_reduce_and_start_during_backward():
         assert r["err_unused"] <= 1e-6  # a parameter without a gradient on one rank contributes zeros there
         assert r["late_double_backward"]  # the caller is told to reduce again
         assert r["launched_unarmed"] == 0
+        # judged on this rank's own buckets: rank 0 stays finite though the first bucket's sums are NaN
+        assert r["sent_in_backward"] >= 1 and r["finite_clean"] and r["views_err"] <= 1e-6
+        assert r["first_bucket_sum_nan"] and r["finite_nan_on_rank_1"] == (r["rank"] == 0)
+        assert not r["late_in_nan_step"]
+        assert r["finite_overflowing_norm"]  # a norm overflowing float32 is checked element by element
+        assert not r["finite_late_nan"] and r["late"]  # a NaN after the bucket left is still seen
         # the trailer (non-finite flags, counts) rides in the last bucket: one collective per bucket, no more
         assert r["collectives_with_trailer"] == r["buckets"] and r["err_trailer"] <= 1e-6
         assert r["trailer"] == [3.0, 0.25, 6.0] and r["trailer_second_step"] == [4.0, 0.0, 2.0]

@@ -60,6 +60,38 @@ def second_step_trailer(summer, params, loss) -> list[float]:
     return trailer.tolist()
 
 
+def judged(summer, params, model, loss, rank) -> dict:
+    """``local_finite`` on this rank's own gradients, never on the sums: a NaN on rank 1 in the first bucket (the
+    last layer, sent during backward) leaves rank 0 finite although the sums it receives are NaN; gradients whose
+    norm overflows are finite; a NaN written by a second backward after its bucket left is still seen; ``views``
+    are the sums."""
+    out = {}
+    last = model[6].weight  # in the first bucket: sent during backward
+
+    def step(extra=None, twice=False) -> bool:
+        for p in params:
+            p.grad = None
+        summer.arm()
+        (loss(True) + (extra() if extra is not None else 0.0)).backward()
+        if twice:
+            (last.sum() * float("nan")).backward()
+        finite = summer.local_finite()
+        out.setdefault("sent_in_backward", summer._launched)
+        summer.finish()
+        return finite
+
+    out["finite_clean"] = step()
+    out["views_err"] = max(float((v - r).abs().max()) for v, r in zip(summer.views(), reference(params)))
+    out["finite_nan_on_rank_1"] = step(lambda: last.sum() * (float("nan") if rank == 1 else 0.0))
+    out["late_in_nan_step"] = summer.late  # judged by the norms, not the element-wise fallback
+    where = [id(p) for p in params].index(id(last))
+    out["first_bucket_sum_nan"] = not bool(torch.isfinite(summer.views()[where]).all())
+    out["finite_overflowing_norm"] = step(lambda: last.sum() * 1e25)
+    out["finite_late_nan"] = step(twice=True)
+    out["late"] = summer.late
+    return out
+
+
 def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
@@ -72,7 +104,7 @@ def main() -> None:
     summer = OverlappedGradSum(params, cap_mb=1.0)
     torch.manual_seed(1 + rank)
     x = torch.randn(8, 512)
-    result = {"buckets": len(summer.buckets)}
+    result = {"buckets": len(summer.buckets), "rank": rank}
 
     def loss(use_extra: bool):
         out = model(x).square().mean()
@@ -124,6 +156,9 @@ def main() -> None:
     all_reduce_flat(grads, cap_mb=1.0, trailer=(t64 := torch.full((1,), 1 / 3 + rank, dtype=torch.float64)))
     result["flat_collectives_f64"] = calls[0]
     result["t32"], result["t64_exact"] = t32.tolist(), float(t64) == (1 / 3) + (1 / 3 + 1)
+
+    # g) the local judgement: one norm per bucket, taken before the bucket leaves
+    result.update(judged(summer, params, model, loss, rank))
 
     # d) not armed: hooks do nothing
     for p in params:
