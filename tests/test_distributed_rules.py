@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lightning_opt.distributed import NonFiniteError, all_finite
-from lightning_opt.distributed.buckets import bucket_indices
-from lightning_opt.distributed.consensus import agree
-from lightning_opt.distributed.overlap import OverlappedGradSum, ddp_bucket_indices
+from lightning_opt.distributed.buckets import bucket_indices, ddp_bucket_indices, write_back
+from lightning_opt.distributed.consensus import Agreement, agree
+from lightning_opt.distributed.overlap import OverlappedGradSum
 
 
 def test_all_finite_fast_path_and_overflow():
@@ -60,6 +60,38 @@ def test_overlapped_buckets_run_backwards_with_a_full_first_bucket():
     small = [torch.zeros(10, requires_grad=True) for _ in range(3)]
     assert OverlappedGradSum(small, cap_mb=1.0).buckets == [[2, 1, 0]]
     summer.remove()
+
+
+def _sums() -> tuple[list, list]:
+    """Two summed buckets and each tensor's view into them (as OverlappedGradSum keeps them)."""
+    first, second = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
+    return [([0], first), ([1, 2], second)], [first.view(1, 2), second[:1], second[1:]]
+
+
+def test_write_back_through_kept_views_scales_every_bucket_once():
+    expected = [0.3, 0.6, 0.9, 1.2, 1.5]
+    for kept in (True, False):
+        buckets, views = _sums()
+        out = [torch.zeros(1, 2), torch.zeros(1, dtype=torch.float64), torch.zeros(2)]
+        write_back(buckets, out, 0.3, views=views if kept else None)
+        assert torch.cat([t.reshape(-1).float() for t in out]).tolist() == pytest.approx(expected, abs=1e-7)
+        assert out[0].shape == (1, 2) and out[1].dtype == torch.float64
+    buckets, views = _sums()
+    out = [torch.zeros(1, 2), torch.zeros(1), torch.zeros(2)]
+    write_back(buckets, out, 1.0, views=views)
+    assert [t.tolist() for t in out] == [[[1.0, 2.0]], [3.0], [4.0, 5.0]]
+    write_back([], [], 0.5, views=[])  # nothing to write
+
+
+def test_agreement_writes_the_healthy_mean_through_its_views():
+    buckets, views = _sums()
+    agreement = Agreement(3, [1], False, buckets, torch.zeros(0), views)
+    out = [torch.zeros(1, 2), torch.zeros(1), torch.zeros(2)]
+    agreement.write(out)  # two healthy ranks: half the sums
+    assert [t.tolist() for t in out] == [[[0.5, 1.0]], [1.5], [2.0, 2.5]]
+    buckets, views = _sums()
+    Agreement(3, [], False, buckets, torch.zeros(0), views).write(out, mean=False)
+    assert [t.tolist() for t in out] == [[[1.0, 2.0]], [3.0], [4.0, 5.0]]
 
 
 def test_a_lone_rank_decides_by_its_own_tensors():

@@ -16,7 +16,8 @@ from lightning_opt._tensors import accumulation_dtype, flatten, unflatten_into
 from lightning_opt.distributed.meter import CommMeter
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "CommMeter", "all_finite", "all_reduce_flat", "broadcast_flat", "bucket_indices",
-           "all_reduce_counted", "flatten", "is_dist", "nbytes", "rides_with", "unflatten_into", "write_back"]
+           "ddp_bucket_indices", "all_reduce_counted", "flatten", "is_dist", "nbytes", "rides_with", "unflatten_into",
+           "write_back"]
 
 DEFAULT_BUCKET_CAP_MB = 25.0
 
@@ -43,6 +44,30 @@ def bucket_indices(tensors: Sequence[Tensor], cap_bytes: int) -> list[list[int]]
         bucket.append(i)
     done.extend(open_buckets.values())
     return done
+
+
+def ddp_bucket_indices(tensors: Sequence[Tensor], limits: Sequence[int]) -> list[list[int]]:
+    """Group tensor indices into gradient buckets by DDP's rule (its reducer's ``compute_bucket_assignment_by_size``):
+    per dtype and device, tensors join the open bucket in order and it closes as soon as it holds at least its limit
+    in bytes: ``limits[0]`` for the first bucket of that key, ``limits[-1]`` for the later ones. A bucket is thus
+    never below its limit except a key's last, and the tensor that crosses the limit travels in the early bucket:
+    with the small first limit, the first all-reduce carries as much as it may and still leaves early in backward
+    (closing *before* that tensor, as :func:`bucket_indices` does, can send a few kilobytes early and leave the rest
+    for the end of backward). Buckets are ordered by their first index."""
+    open_buckets: dict[tuple, list[int]] = {}
+    sizes: dict[tuple, int] = {}
+    closed: dict[tuple, int] = {}
+    done: list[list[int]] = []
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        open_buckets.setdefault(key, []).append(i)
+        sizes[key] = sizes.get(key, 0) + t.numel() * t.element_size()
+        if sizes[key] >= limits[min(closed.get(key, 0), len(limits) - 1)]:
+            done.append(open_buckets.pop(key))
+            sizes[key] = 0
+            closed[key] = closed.get(key, 0) + 1
+    done.extend(open_buckets.values())
+    return sorted(done, key=lambda b: b[0])
 
 
 def all_reduce_flat(
