@@ -43,12 +43,17 @@ def test_buckets_close_when_the_next_tensor_would_pass_the_cap():
 def test_gradient_buckets_close_at_their_limit_as_ddp_cuts_them():
     f32 = [torch.zeros(n) for n in (4, 2, 3, 1, 5)]  # 16, 8, 12, 4, 20 bytes
     # first bucket limit 20: 16 + 8 reaches it (the crossing tensor joins); later ones 16: 12 + 4 is exactly 16
-    assert ddp_bucket_indices(f32, [20, 16]) == [[0, 1], [2, 3], [4]]
-    assert ddp_bucket_indices(f32, [10]) == [[0], [1, 2], [3, 4]]  # one limit for every bucket
-    assert ddp_bucket_indices([], [1]) == []
+    assert ddp_bucket_indices(f32, 20, 16) == [[0, 1], [2, 3], [4]]
+    assert ddp_bucket_indices(f32, 10, 10) == [[0], [1, 2], [3, 4]]
+    assert ddp_bucket_indices([], 1, 1) == []
+    # byte-exact edges: 3 + 1 reaches a first limit of 4, and a new bucket starts from nothing (3 + 1 again)
+    u8 = [torch.zeros(n, dtype=torch.uint8) for n in (3, 1, 3, 1, 2)]
+    assert ddp_bucket_indices(u8, 4, 4) == [[0, 1], [2, 3], [4]]
+    assert ddp_bucket_indices(u8, 5, 3) == [[0, 1, 2], [3, 4]]  # 3 + 1 + 3 reach 5; 1 + 2 reach 3
     # per dtype, each with its own first limit; buckets ordered by their first tensor
     mixed = [torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1), torch.zeros(1, dtype=torch.float64)]
-    assert ddp_bucket_indices(mixed, [8, 100]) == [[0, 2], [1], [3]]
+    assert ddp_bucket_indices(mixed, 8, 100) == [[0, 2], [1], [3]]
+    assert ddp_bucket_indices(mixed[:3] + [torch.zeros(1)], 4, 100) == [[0], [1], [2, 3]]
 
 
 def test_overlapped_buckets_run_backwards_with_a_full_first_bucket():
@@ -80,6 +85,9 @@ def test_write_back_through_kept_views_scales_every_bucket_once():
     out = [torch.zeros(1, 2), torch.zeros(1), torch.zeros(2)]
     write_back(buckets, out, 1.0, views=views)
     assert [t.tolist() for t in out] == [[[1.0, 2.0]], [3.0], [4.0, 5.0]]
+    buckets, views = _sums()
+    write_back(buckets, out, 2.0, views=views)
+    assert [t.tolist() for t in out] == [[[2.0, 4.0]], [6.0], [8.0, 10.0]]
     write_back([], [], 0.5, views=[])  # nothing to write
 
 

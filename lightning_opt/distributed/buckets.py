@@ -46,28 +46,28 @@ def bucket_indices(tensors: Sequence[Tensor], cap_bytes: int) -> list[list[int]]
     return done
 
 
-def ddp_bucket_indices(tensors: Sequence[Tensor], limits: Sequence[int]) -> list[list[int]]:
+def ddp_bucket_indices(tensors: Sequence[Tensor], first_limit: int, limit: int) -> list[list[int]]:
     """Group tensor indices into gradient buckets by DDP's rule (its reducer's ``compute_bucket_assignment_by_size``):
     per dtype and device, tensors join the open bucket in order and it closes as soon as it holds at least its limit
-    in bytes: ``limits[0]`` for the first bucket of that key, ``limits[-1]`` for the later ones. A bucket is thus
-    never below its limit except a key's last, and the tensor that crosses the limit travels in the early bucket:
-    with the small first limit, the first all-reduce carries as much as it may and still leaves early in backward
-    (closing *before* that tensor, as :func:`bucket_indices` does, can send a few kilobytes early and leave the rest
-    for the end of backward). Buckets are ordered by their first index."""
+    in bytes: ``first_limit`` for the first bucket of that key, ``limit`` for the later ones. A bucket is thus never
+    below its limit except a key's last, and the tensor that crosses the limit travels in the early bucket: with the
+    small first limit, the first all-reduce carries as much as it may and still leaves early in backward (closing
+    *before* that tensor, as :func:`bucket_indices` does, can send a few kilobytes early and leave the rest for the
+    end of backward). Buckets are ordered by their first index."""
     open_buckets: dict[tuple, list[int]] = {}
     sizes: dict[tuple, int] = {}
-    closed: dict[tuple, int] = {}
+    started: set[tuple] = set()  # keys whose first bucket has closed
     done: list[list[int]] = []
     for i, t in enumerate(tensors):
         key = (t.dtype, t.device)
         open_buckets.setdefault(key, []).append(i)
         sizes[key] = sizes.get(key, 0) + t.numel() * t.element_size()
-        if sizes[key] >= limits[min(closed.get(key, 0), len(limits) - 1)]:
+        if sizes[key] >= (limit if key in started else first_limit):
             done.append(open_buckets.pop(key))
             sizes[key] = 0
-            closed[key] = closed.get(key, 0) + 1
+            started.add(key)
     done.extend(open_buckets.values())
-    return sorted(done, key=lambda b: b[0])
+    return sorted(done)  # disjoint lists of increasing indices: ordered by their first
 
 
 def all_reduce_flat(

@@ -49,9 +49,8 @@ class OverlappedGradSum:
         self.params = list(params)
         self.meter = meter
         order = list(reversed(range(len(self.params))))
-        limits = [int(FIRST_BUCKET_MB * 2**20), int(cap_mb * 2**20)]
-        self.buckets: list[list[int]] = [[order[j] for j in b] for b in ddp_bucket_indices(
-            [self.params[i] for i in order], limits)]
+        cuts = ddp_bucket_indices([self.params[i] for i in order], int(FIRST_BUCKET_MB * 2**20), int(cap_mb * 2**20))
+        self.buckets: list[list[int]] = [[order[j] for j in b] for b in cuts]
         self._slot: dict[int, tuple[int, int]] = {}
         for b, idx in enumerate(self.buckets):
             offset = 0
