@@ -21,7 +21,7 @@ import time
 import torch
 
 BENCHES = ["bench_optim", "bench_sharpness", "bench_monitors_noise", "bench_monitors_examples", "bench_strategies",
-           "bench_fault", "bench_throttled"]
+           "bench_grad_buckets", "bench_fault", "bench_throttled"]
 # Full runs of these write their own curated results file by default; `make bench` must not overwrite it.
 EXTRA_ARGS = {"bench_throttled": ["--out", "benchmarks/results_throttled_latest.md"]}
 

@@ -55,6 +55,20 @@ def test_bench_sharpness_lanczos_meets_its_tolerance():
     assert 0 < int(cells[6]) <= int(cells[9])  # λ_max alone never costs more HVPs than both ends
 
 
+def test_bench_grad_buckets_times_each_configuration_per_model():
+    proc = run_python([sys.executable, "-m", "benchmarks.bench_grad_buckets", "--smoke"], cwd=ROOT, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| MLP") or ln.startswith("| deep")]
+    cells = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln.strip("|").split("|")[2:] for ln in lines}
+    for model in ("MLP (8 tensors)", "deep (324 tensors)"):
+        for config in ("backward", "hooks, copy per tensor", "OverlappedGradSum, armed", "DDP (its C++ reducer)"):
+            _positive(cells[(model, config)][0])
+        assert float(cells[(model, "backward")][1]) == 1.0  # the floor's own ratio
+    for piece in ("non-finite check, a norm per tensor", "non-finite check, a norm per flat bucket",
+                  "write-back, views built every step", "write-back, views kept"):
+        _positive(cells[("deep (324 tensors)", piece)][0])
+
+
 def test_bench_monitors_noise_reports_each_monitor_per_model():
     rows = _bench("bench_monitors_noise")
     for name in ["GradNormMonitor()", "GradNormMonitor(per_layer=True)", "GradientNoiseMonitor()",

@@ -21,6 +21,7 @@ pay in Python time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -158,7 +159,7 @@ class OverlappedGradSum:
         if not self.late:
             for b in range(self._launched, len(self.buckets)):
                 self._seal(b)
-            if all(bool(torch.isfinite(norm)) for norm in self._norms):  # a host sync per bucket, not per tensor
+            if all(math.isfinite(norm.item()) for norm in self._norms):  # a host sync per bucket, not per tensor
                 return True
         return all_finite([p.grad for p in self.params if p.grad is not None])
 
