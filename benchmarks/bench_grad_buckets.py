@@ -8,6 +8,7 @@ one (80 blocks, 324 tensors), one batch of 32, one thread. Every configuration r
 the table gives the median per pass and its ratio to a plain backward:
 
 * ``backward``: no hooks (the floor);
+* ``hooks that do nothing``: what a Python hook per parameter costs by itself;
 * ``hooks, copy per tensor``: a post-accumulate hook per parameter copying its gradient into its place in a flat
   buffer (what the hooks did before; one ``copy_`` call per tensor);
 * ``OverlappedGradSum, armed``: the strategies' averaged-step path after backward, judgement and write-back included
@@ -58,6 +59,10 @@ def timed(fn: Callable[[], None], passes: int) -> float:
     return (time.perf_counter() - start) / passes * 1e3
 
 
+def _nothing(p: torch.Tensor) -> None:
+    return None
+
+
 def _copy_into(view: torch.Tensor) -> Callable[[torch.Tensor], None]:
     def hook(p: torch.Tensor) -> None:
         view.copy_(p.grad)
@@ -84,6 +89,9 @@ def step_rows(deep: bool, passes: int, rounds: int) -> list[str]:
             for h in handles:
                 h.remove()
 
+    def empty_hooks() -> float:
+        return attached(lambda: [p.register_post_accumulate_grad_hook(_nothing) for p in params], backward)
+
     def copy_hooks() -> float:
         return attached(lambda: [p.register_post_accumulate_grad_hook(_copy_into(v)) for p, v in zip(params, views)],
                         backward)
@@ -109,7 +117,8 @@ def step_rows(deep: bool, passes: int, rounds: int) -> list[str]:
 
         return timed(step, passes)  # its reducer (and its hooks) go when `wrapped` does, on return
 
-    runs = {"backward": lambda: timed(backward, passes), "hooks, copy per tensor": copy_hooks,
+    runs = {"backward": lambda: timed(backward, passes), "hooks that do nothing": empty_hooks,
+            "hooks, copy per tensor": copy_hooks,
             "OverlappedGradSum, armed": armed, "DDP (its C++ reducer)": ddp}
     results: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
