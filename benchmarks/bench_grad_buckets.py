@@ -108,7 +108,7 @@ def step_rows(deep: bool, passes: int, rounds: int) -> list[str]:
         return attached(lambda: summer._hooks, step)
 
     def ddp() -> float:
-        wrapped = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+        wrapped = nn.parallel.DistributedDataParallel(net)  # no buffers in these models: nothing to broadcast
 
         def step() -> None:
             for p in params:
