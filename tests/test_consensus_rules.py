@@ -2,7 +2,8 @@
 statistics averaged at a sync (or left alone with ``average_buffers=False``), an integer buffer that differs
 between ranks taken from rank 0, the consensus swapped in for a validation loop mid-period and the local weights
 swapped back after it, no consensus traffic when validation falls on a sync, the non-finite policy at that
-consensus, several optimizers each on their own clock, and what is kept out of ``callback_metrics``."""
+consensus, several optimizers each on their own clock, what is kept out of ``callback_metrics``, and the buffers
+broadcast after averaged steps listed again in a second fit."""
 
 from __future__ import annotations
 
@@ -245,3 +246,24 @@ class Sparse(TinyModel):
 
     def forward(self, x):
         return self.net(x + self.emb.weight[0])
+
+
+def test_a_second_fit_follows_a_buffer_replaced_between_fits():
+    """The buffers broadcast from rank 0 after every averaged step are listed once per fit (as DDP lists them), and
+    again in the next fit: a buffer *replaced* by a new tensor between two fits of one trainer is followed. Each
+    step adds rank + 1 to ``count``; with the broadcast, both ranks end a fit holding rank 0's count."""
+    models = [Counted() for _ in range(2)]
+
+    def body(rank: int) -> list[list[int]]:
+        model = models[rank]
+        trainer = threaded_trainer(2, rank, LocalSGDStrategy(period=4, warmup_steps=100), 3, [],
+                                   limit_val_batches=0)
+        trainer.fit(model)
+        first = model.count.tolist()
+        model.count = torch.zeros(2, dtype=torch.int64)  # a new tensor object under the same name
+        trainer.fit_loop.epoch_loop.max_steps = 6
+        trainer.fit(model)
+        return [first, model.count.tolist()]
+
+    for first, second in run_threaded(2, body):
+        assert first == [3, 3] and second == [3, 3]  # rank 0's three steps, on both ranks
