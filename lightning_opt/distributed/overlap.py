@@ -177,16 +177,14 @@ class OverlappedGradSum:
         ride = trailer is not None and rides_with(trailer, self._buffer(last).dtype, self._buffer(last).device)
         if ride:
             self._make_room(trailer.numel())
-        for b in range(self._launched, len(self.buckets)):
-            self._seal(b)  # a no-op where local_finite() did it
-            if b == last:
-                flat = self._buffer(b)
-                n = self._sizes[b]
-                if ride:
-                    flat[n:n + trailer.numel()].copy_(trailer)
-                self._launch_slice(flat[:n + trailer.numel()] if ride else flat[:n])
-            else:
-                self._launch(b)
+        for b in range(self._launched, last):
+            self._launch(b)
+        if self._launched == last:  # the last bucket leaves here only, with the trailer when it rides
+            self._seal(last)  # a no-op where local_finite() did it
+            flat, n = self._buffer(last), self._sizes[last]
+            if ride:
+                flat[n:n + trailer.numel()].copy_(trailer)
+            self._launch_slice(flat[:n + trailer.numel()] if ride else flat[:n])
         for work, flat in self._works:
             work.wait()
             if self.meter is not None:
